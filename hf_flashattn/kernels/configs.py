@@ -1,0 +1,61 @@
+"""Block sizes, warps and pipeline stages for each kernel: the one table per kernel.
+
+Compiled (GPU) configs are chosen per head_dim bucket for Hopper/Ampere-class parts. Under
+Triton's interpreter each program costs ~15 ms of Python whatever its size, so large blocks
+keep the CPU test suite fast there.
+"""
+
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def block_d(head_dim: int) -> int:
+    # tl.dot needs every dimension >= 16 and tl.arange a power of two; extra lanes are masked
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# (max head_dim, config) in ascending head_dim; first match wins
+_FWD_GPU = (
+    (64, KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)),
+    (128, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    (256, KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)),
+)
+_BWD_DKDV_GPU = (
+    (64, KernelConfig(block_m=32, block_n=128, num_warps=4, num_stages=3)),
+    (128, KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)),
+    (256, KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)),
+)
+_BWD_DQ_GPU = (
+    (64, KernelConfig(block_m=128, block_n=32, num_warps=4, num_stages=3)),
+    (128, KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)),
+    (256, KernelConfig(block_m=64, block_n=16, num_warps=4, num_stages=1)),
+)
+_INTERPRETER = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
+
+
+def _pick(table, head_dim: int) -> KernelConfig:
+    for max_dim, cfg in table:
+        if head_dim <= max_dim:
+            return cfg
+    raise ValueError(f"head_dim={head_dim} exceeds the largest supported (256)")
+
+
+def fwd_config(head_dim: int, interpreting: bool) -> KernelConfig:
+    return _INTERPRETER if interpreting else _pick(_FWD_GPU, head_dim)
+
+
+def bwd_dkdv_config(head_dim: int, interpreting: bool) -> KernelConfig:
+    return _INTERPRETER if interpreting else _pick(_BWD_DKDV_GPU, head_dim)
+
+
+def bwd_dq_config(head_dim: int, interpreting: bool) -> KernelConfig:
+    return _INTERPRETER if interpreting else _pick(_BWD_DQ_GPU, head_dim)

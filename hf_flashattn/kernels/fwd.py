@@ -1,0 +1,166 @@
+"""FlashAttention-2 forward in Triton.
+
+One program owns BLOCK_M query rows of one (batch, query head) and streams the K/V blocks of
+the matching K/V head (GQA: ``kv_head = q_head // GROUP``, K/V are never copied). Softmax is
+online with a running max ``m_i`` and sum ``l_i``; the division by ``l_i`` is deferred to the
+end. Scores live in the log2 domain (``qk_scale = scale * log2(e)``) so the inner loop uses
+exp2. The K/V range is split in two stages: blocks that need no mask run without one, and the
+few blocks on the causal diagonal or the ragged end of the sequence apply it.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, seqlen_k, dropout_p):
+    # One Philox stream per (batch, head), keyed by seed + bh; the counter is the (row, col)
+    # position, so backward regenerates exactly the forward's mask.
+    offsets = rows[:, None] * seqlen_k + cols[None, :]
+    return tl.rand(seed + bh, offsets) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs, kpm_ptr,
+    start_m, lo, hi,
+    seqlen_q, seqlen_k, causal_offset,
+    qk_scale, dropout_p, seed, bh,
+    stride_kn, stride_vn,
+    offs_m, offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_mask = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols[:, None] < seqlen_k) & d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        # -- mask: sequence end and causal diagonal only in the MASKED stage
+        if MASKED:
+            valid = cols[None, :] < seqlen_k
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(valid, qk, float("-inf"))
+        if HAS_KPM:
+            keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0)
+            qk = tl.where(keep_col[None, :] != 0, qk, float("-inf"))
+        # -- update m_i; a row that has seen only masked keys keeps m = -inf, so subtract 0
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, cols, seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seqlen_k) & d_mask[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=d_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, Out, LSE, KPM,
+    qk_scale, dropout_p, seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_kpm_b,
+    num_heads_q, seqlen_q, seqlen_k,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // num_heads_q
+    h = bh % num_heads_q
+    h_kv = h // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = offs_m < seqlen_q
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    kpm_ptr = KPM + b.to(tl.int64) * stride_kpm_b
+
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
+    causal_offset = seqlen_k - seqlen_q
+    if IS_CAUSAL:
+        # keys visible to every row of the block / to at least one row of it
+        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+    else:
+        hi_full = seqlen_k
+        hi = seqlen_k
+    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+
+    # stage 1: whole blocks that need no mask
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, start_m, 0, hi_full,
+        seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
+        stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+    )
+    # stage 2: the causal diagonal band and the ragged end of the keys
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, start_m, hi_full, hi,
+        seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
+        stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+    )
+
+    # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_mask)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def dropout_mask_kernel(
+    Mask, dropout_p, seed, seqlen_q, seqlen_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Writes the keep-mask the kernels use for one (batch*head) slice: a test-only view."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = Mask + bh.to(tl.int64) * seqlen_q * seqlen_k
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, offs_m, cols, seqlen_k, dropout_p)
+        ptrs = base + offs_m[:, None] * seqlen_k + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
