@@ -1,0 +1,52 @@
+"""Reference attention for the tests, and the tolerance rule.
+
+``attention_ref`` is plain PyTorch (matmul, softmax, matmul) with the same semantics as
+``flash_attn``: GQA by head index, bottom-right causal alignment, key padding, rows that see no
+key give zeros. Run on upcast inputs it is the reference; run in the inputs' own dtype it is
+"PyTorch's own low-precision attention", whose error sets our tolerance.
+"""
+
+import torch
+
+
+def attention_ref(q, k, v, *, causal=False, scale=None, key_padding_mask=None, dropout_keep=None,
+                  dropout_p=0.0, upcast=True):
+    """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None."""
+    dtype_out = q.dtype
+    if upcast:
+        ref_dtype = torch.float64 if q.device.type == "cpu" else torch.float32
+        q, k, v = q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    scores = (q * scale) @ k.transpose(-1, -2)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril(seqlen_k - seqlen_q)
+    visible = visible.expand(q.shape[0], 1, seqlen_q, seqlen_k)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    empty_row = ~visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty_row, 0.0)
+    probs = torch.softmax(scores.float() if not upcast else scores, dim=-1).to(scores.dtype)
+    probs = probs.masked_fill(empty_row, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty_row[..., 0], float("-inf"))
+    if dropout_keep is not None:
+        probs = probs.masked_fill(~dropout_keep, 0.0) / (1.0 - dropout_p)
+    out = probs @ v
+    return out.to(dtype_out) if not upcast else out, lse
+
+
+def max_err(a, b) -> float:
+    err = (a.double() - b.double()).abs()
+    # NaN never passes: make it the largest possible error
+    return float("inf") if torch.isnan(err).any() else err.max().item()
+
+
+def assert_close_to_ref(name, ours, ref, torch_lowp, floor):
+    """max|ours - ref| <= 2 * max|torch_lowp - ref| + floor, NaN never passes."""
+    err = max_err(ours, ref)
+    bound = 2 * max_err(torch_lowp, ref) + floor
+    assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"

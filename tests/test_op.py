@@ -1,0 +1,252 @@
+"""flash_attn against a float64 (CPU) / float32 (GPU) reference on upcast inputs.
+
+Tolerance: our error may be at most twice PyTorch's own low-precision attention's error on the
+same inputs, plus a tiny floor (see DEVELOPERS.md). Fresh random inputs per test (no fixed
+seed), outputs poisoned so unwritten elements show, NaN never passes.
+"""
+
+import pytest
+import torch
+from attention_ref import assert_close_to_ref, attention_ref, max_err
+
+from hf_flashattn import flash_attn
+from hf_flashattn.op import _new_seed, dropout_keep_mask
+
+# fp32 on the GPU runs tf32 dots (allowed by the spec): the PyTorch comparison then uses tf32 too
+FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float32: 1e-5}
+
+
+def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim,
+            layout="bhsd"):
+    def make(heads, seqlen):
+        if layout == "bshd":  # what transformers' projections give, transposed: a strided view
+            return torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+        if layout == "sliced":  # last dim dense, head/seq strides with gaps
+            full = torch.randn(batch, heads * 2, seqlen, head_dim + 8, device=device, dtype=dtype)
+            return full[:, ::2, :, :head_dim]
+        return torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype)
+
+    q, k, v = make(heads_q, seqlen_q), make(heads_kv, seqlen_k), make(heads_kv, seqlen_k)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None):
+    """Forward, LSE and all three gradients of flash_attn against the reference."""
+    out, lse = flash_attn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                          return_lse=True)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+
+    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    ref, lse_ref = attention_ref(q, k, v, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
+    with _tf32(device, dtype):
+        lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
+        lowp_grads = torch.autograd.grad(lowp, (q, k, v), dout)
+
+    floor = FLOOR[dtype]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close_to_ref("out", out, ref, lowp, floor)
+    # LSE is float32 in both: compare with a float32-rounding bound; -inf rows must match
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)), "lse: -inf rows differ"
+    finite = torch.isfinite(lse_ref)
+    assert max_err(lse[finite], lse_ref[finite]) <= 1e-4 * (1 + lse_ref[finite].abs().max().item())
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, lowp_grads):
+        scale_g = max(1.0, r.abs().max().item())
+        assert_close_to_ref(name, ours, r, lp, floor * 10 * scale_g)
+
+
+class _tf32:
+    """fp32 on the GPU: let PyTorch's comparison use tf32 matmuls, as our kernel's dots do."""
+
+    def __init__(self, device, dtype):
+        self.on = device == "cuda" and dtype == torch.float32
+
+    def __enter__(self):
+        if self.on:
+            self.prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dtype_head_dim(device, dtype, head_dim, causal):
+    q, k, v = _inputs(device, dtype, 2, 2, 2, 97, 130, head_dim)
+    _check(device, dtype, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (17, 17), (128, 128), (257, 257),
+                                               (1, 257), (17, 128), (257, 17), (128, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_seq_lengths(device, seqlen_q, seqlen_k, causal):
+    q, k, v = _inputs(device, torch.float16, 2, 2, 1, seqlen_q, seqlen_k, 64)
+    _check(device, torch.float16, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("heads_q,heads_kv", [(3, 3), (6, 2), (4, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_mqa(device, heads_q, heads_kv, causal):
+    q, k, v = _inputs(device, torch.float16, 2, heads_q, heads_kv, 70, 140, 64)
+    _check(device, torch.float16, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "sliced"])
+def test_non_contiguous(device, layout):
+    q, k, v = _inputs(device, torch.float16, 2, 4, 2, 65, 65, 64, layout=layout)
+    assert not q.is_contiguous()
+    _check(device, torch.float16, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask(device, causal):
+    seqlen_q, seqlen_k = 33, 150
+    q, k, v = _inputs(device, torch.float16, 4, 2, 1, seqlen_q, seqlen_k, 64)
+    lengths = torch.tensor([seqlen_k, 100, 1, 0])
+    right_padded = torch.arange(seqlen_k)[None, :] < lengths[:, None]
+    mask = right_padded.clone()
+    mask[1] = right_padded[1].flip(0)  # left padding
+    # batch 3 is fully padded: zeros out, zero gradients, no NaN
+    _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
+    out = flash_attn(q, k, v, causal=causal, key_padding_mask=mask.to(device))
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_scale(device):
+    q, k, v = _inputs(device, torch.float16, 1, 2, 2, 40, 40, 64)
+    _check(device, torch.float16, q, k, v, causal=False, scale=0.3)
+
+
+def test_every_output_written(device):
+    """Poisoned caches must not leak: outputs are fresh tensors written in full."""
+    q, k, v = (t.detach() for t in _inputs(device, torch.float16, 2, 2, 2, 129, 67, 80))
+    torch.empty(10_000_000, dtype=torch.float16, device=device).fill_(float("nan"))
+    out, lse = flash_attn(q, k, v, causal=True, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+
+def test_gradients_deterministic(device):
+    q, k, v = _inputs(device, torch.float16, 2, 4, 2, 100, 100, 64)
+    dout = torch.randn(q.shape, device=device, dtype=q.dtype)
+    grads = [torch.autograd.grad(flash_attn(q, k, v, causal=True), (q, k, v), dout) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- dropout
+def _dropout_inputs(device):
+    return _inputs(device, torch.float16, 2, 2, 1, 64, 96, 32)
+
+
+def test_dropout_seeded(device):
+    q, k, v = _dropout_inputs(device)
+    torch.manual_seed(1234)
+    a = flash_attn(q, k, v, dropout_p=0.3)
+    torch.manual_seed(1234)
+    b = flash_attn(q, k, v, dropout_p=0.3)
+    c = flash_attn(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_dropout_mean_approaches_no_dropout(device):
+    q, k, v = (t.detach() for t in _dropout_inputs(device))
+    p = 0.5
+    mean = torch.zeros(q.shape, dtype=torch.float64, device=device)
+    runs = 64
+    for _ in range(runs):
+        mean += flash_attn(q, k, v, dropout_p=p).double()
+    mean /= runs
+    exact = flash_attn(q, k, v).double()
+    seed = _new_seed()
+    mask_rate = dropout_keep_mask(seed, 2, 2, 64, 96, p, device).float().mean().item()
+    assert abs(mask_rate - (1 - p)) < 0.02
+    # each run's deviation has std ~ |out| / sqrt(runs): the mean must be much closer than one run
+    single = (flash_attn(q, k, v, dropout_p=p).double() - exact).abs().mean()
+    assert (mean - exact).abs().mean() < single / 3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_gradients_match_reference_with_kernel_mask(device, causal):
+    q, k, v = _dropout_inputs(device)
+    p = 0.25
+    torch.manual_seed(7)
+    out = flash_attn(q, k, v, dropout_p=p, causal=causal)
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(_new_seed(), 2, 2, 64, 96, p, device)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    kw = dict(causal=causal, dropout_keep=keep, dropout_p=p)
+    ref, _ = attention_ref(q, k, v, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
+    lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
+    lowp_grads = torch.autograd.grad(lowp, (q, k, v), dout)
+    assert_close_to_ref("out", out, ref, lowp, 1e-4)
+    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads):
+        assert_close_to_ref(name, g, r, lp, 1e-3 * max(1.0, r.abs().max().item()))
+
+
+# ------------------------------------------------------------------------------- bad input
+def _good(device):
+    q = torch.randn(2, 4, 8, 32, device=device, dtype=torch.float16)
+    k = torch.randn(2, 2, 8, 32, device=device, dtype=torch.float16)
+    return q, k, k.clone()
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("3d", ValueError, "q must be 4-D"),
+    ("head_dim", ValueError, "head_dim"),
+    ("batch", ValueError, "batch"),
+    ("dtype", TypeError, "dtype"),
+    ("int", TypeError, "dtype"),
+    ("heads", ValueError, "multiple"),
+    ("mask_shape", ValueError, "key_padding_mask"),
+    ("mask_dtype", TypeError, "key_padding_mask"),
+    ("dropout", ValueError, "dropout_p"),
+    ("big_head_dim", ValueError, "head_dim"),
+])
+def test_bad_input(device, case, exc, match):
+    q, k, v = _good(device)
+    kw = {}
+    if case == "3d":
+        q = q[0]
+    elif case == "head_dim":
+        k, v = k[..., :16], v[..., :16]
+    elif case == "batch":
+        k, v = k[:1], v[:1]
+    elif case == "dtype":
+        k = k.float()
+    elif case == "int":
+        q, k, v = (t.to(torch.int32) for t in (q, k, v))
+    elif case == "heads":
+        k, v = k[:, :1].expand(2, 3, 8, 32), v[:, :1].expand(2, 3, 8, 32)
+    elif case == "mask_shape":
+        kw["key_padding_mask"] = torch.ones(2, 7, dtype=torch.bool, device=device)
+    elif case == "mask_dtype":
+        kw["key_padding_mask"] = torch.ones(2, 8, device=device)
+    elif case == "dropout":
+        kw["dropout_p"] = 1.0
+    elif case == "big_head_dim":
+        q, k, v = (torch.randn(1, 1, 4, 264, device=device, dtype=torch.float16) for _ in range(3))
+    with pytest.raises(exc, match=match):
+        flash_attn(q, k, v, **kw)
+
+
+# ------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [16, 48, 96, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_odd_head_dims(device, head_dim, dtype):
+    q, k, v = _inputs(device, dtype, 2, 8, 2, 1000, 1100, head_dim)
+    _check(device, dtype, q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_long_sequence_bf16(device, causal):
+    q, k, v = _inputs(device, torch.bfloat16, 1, 4, 2, 16384, 16384, 128)
+    _check(device, torch.bfloat16, q, k, v, causal=causal)
