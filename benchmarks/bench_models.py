@@ -1,0 +1,374 @@
+"""Model level: train-step and decoding throughput of HF models per attn_implementation, as
+BENCHMARKS.md asks: a LLaMA-style 0.5B (batch 4 x 2048) and GPT-2 small (batch 8 x 1024),
+random init, bf16 weights, AdamW; greedy decoding of the LLaMA-style model with a KV cache.
+
+    python benchmarks/bench_models.py                        # everything (see --help)
+    python benchmarks/bench_models.py --parts train --models gpt2 --impls sdpa triton_attention
+
+The JSON is rewritten after every configuration; a PNG (plot.py) is written next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import (
+    GIB,
+    default_out,
+    environment,
+    error_string,
+    jsonable,
+    raise_recompile_limit,
+    write_json,
+)
+
+DEVICE = "cuda"
+IMPLS = ("eager", "sdpa", "flex_attention", "triton_attention")
+OURS = "triton_attention"  # registered with transformers by `import hf_flashattn`
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: dict  # kwargs of the transformers config class
+    config_class: str
+    batch: int
+    seq_len: int
+
+
+MODELS = {
+    "llama": ModelSpec(
+        config=dict(
+            hidden_size=1536,
+            num_hidden_layers=16,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            intermediate_size=4096,
+            vocab_size=32000,
+            max_position_embeddings=8192,
+        ),
+        config_class="LlamaConfig",
+        batch=4,
+        seq_len=2048,
+    ),
+    # GPT-2 small (124M) with its default dropout 0.1, which every implementation applies.
+    "gpt2": ModelSpec(config={}, config_class="GPT2Config", batch=8, seq_len=1024),
+}
+DECODE_MODEL = "llama"
+
+
+def build(name: str, impl: str):
+    """A randomly initialised bf16 model on the GPU (seeded: the same weights for every impl)."""
+    import transformers
+
+    if impl == OURS:
+        import hf_flashattn  # noqa: F401 - registers attn_implementation="triton_attention"
+    spec = MODELS[name]
+    config = getattr(transformers, spec.config_class)(**spec.config)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):  # initialise on the GPU: seconds instead of a minute on the CPU
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation=impl, dtype=torch.bfloat16
+        )
+    return model.to(DEVICE)
+
+
+def release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def random_ids(batch: int, seq_len: int, vocab: int) -> torch.Tensor:
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    return torch.randint(0, vocab, (batch, seq_len), device=DEVICE, generator=gen)
+
+
+# ---------------------------------------------------------------------------- training
+def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
+    """tokens/s from the median step (forward, loss on labels=input_ids, backward, AdamW)."""
+    spec = MODELS[name]
+    model = build(name, impl).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = random_ids(spec.batch, spec.seq_len, model.config.vocab_size)
+    params = sum(p.numel() for p in model.parameters())
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    step_s = statistics.median(times[warmup:])
+    return {
+        "tokens_per_s": spec.batch * spec.seq_len / step_s,
+        "step_ms": step_s * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+        "params_m": params / 1e6,
+        "step_times_ms": [round(t * 1e3, 2) for t in times],
+        "losses": losses,
+        "finite_loss": all(math.isfinite(x) for x in losses),
+    }
+
+
+# ---------------------------------------------------------------------------- decoding
+def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of one greedy generate producing exactly ``new_tokens`` per sequence (min =
+    max, so EOS cannot end it early)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+    )
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    if out.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, asked {new_tokens}")
+    return seconds
+
+
+def bench_decode(
+    impl: str, configs: list[tuple[int, int]], new_tokens: int, warmup_tokens: int
+) -> list[dict]:
+    """tokens/s of generate with the KV cache: new tokens over the whole call (prefill
+    included, and timed alone as ``prefill_s``)."""
+    model = build(DECODE_MODEL, impl).eval()
+    results = []
+    for batch, prompt in configs:
+        result = {
+            "model": DECODE_MODEL,
+            "impl": impl,
+            "batch": batch,
+            "prompt": prompt,
+            "new_tokens": new_tokens,
+        }
+        try:
+            ids = random_ids(batch, prompt, model.config.vocab_size)
+            timed_generate(model, ids, warmup_tokens)  # compiles (flex), picks plans
+            torch.cuda.reset_peak_memory_stats()
+            seconds = timed_generate(model, ids, new_tokens)
+            result.update(
+                tokens_per_s=batch * new_tokens / seconds,
+                seconds=seconds,
+                peak_gib=torch.cuda.max_memory_allocated() / GIB,
+                prefill_s=timed_generate(model, ids, 1),
+            )
+        except Exception as exc:  # one failing config must not end the run
+            result["error"] = error_string(exc)
+        results.append(result)
+        release()
+    return results
+
+
+# ---------------------------------------------------------------------------- report
+def format_table(rows: list[dict], label, columns: list[tuple[str, str, str]]) -> str:
+    """One line per result, with the ``ours / impl`` throughput ratio; failures listed below."""
+    ours = {label(r): r.get("tokens_per_s") for r in rows if r["impl"] == OURS}
+    head = ["config", "impl", *(title for title, _, _ in columns), "ours/impl"]
+    body, notes = [], []
+    for r in rows:
+        if "tokens_per_s" not in r:
+            body.append([label(r), r["impl"], *("-" for _ in columns), ""])
+            notes.append(f"  {label(r)} {r['impl']}: {r.get('error') or r.get('skipped')}")
+            continue
+        mine = ours.get(label(r))
+        ratio = f"{mine / r['tokens_per_s']:.2f}x" if mine and r["impl"] != OURS else ""
+        body.append([label(r), r["impl"], *(fmt.format(r[key]) for _, key, fmt in columns), ratio])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [head, *body]
+    ]
+    return "\n".join(lines + notes)
+
+
+def report(data: dict) -> str:
+    train = format_table(
+        data["train"],
+        lambda r: f"{r['model']} {r['batch']}x{r['seq_len']}",
+        [
+            ("tokens/s", "tokens_per_s", "{:,.0f}"),
+            ("step ms", "step_ms", "{:.1f}"),
+            ("peak GiB", "peak_gib", "{:.1f}"),
+        ],
+    )
+    decode = format_table(
+        data["decode"],
+        lambda r: f"{r['model']} b{r['batch']} p{r['prompt']} +{r['new_tokens']}",
+        [
+            ("tokens/s", "tokens_per_s", "{:,.1f}"),
+            ("s", "seconds", "{:.2f}"),
+            ("prefill s", "prefill_s", "{:.3f}"),
+            ("peak GiB", "peak_gib", "{:.1f}"),
+        ],
+    )
+    return f"\ntrain step\n{train}\n\ndecode (generate, greedy, KV cache)\n{decode}"
+
+
+# ---------------------------------------------------------------------------- main
+def parse_decode(text: str) -> tuple[int, int]:
+    batch, prompt = text.lower().split("x")
+    return int(batch), int(prompt)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(MODELS),
+        help="models for the train step (decoding always uses llama)",
+    )
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--parts", nargs="+", choices=("train", "decode"), default=["train", "decode"])
+    p.add_argument("--steps", type=int, default=5, help="timed train steps after 2 warm-up steps")
+    p.add_argument(
+        "--decode",
+        nargs="+",
+        type=parse_decode,
+        default=[(1, 4096), (16, 2048)],
+        metavar="BATCHxPROMPT",
+        help="decode configs (default: 1x4096 16x2048)",
+    )
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=16,
+        help="new tokens of the untimed generate call before each timed one",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path; default benchmarks/results/models_<device>_<date>.json",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=480,
+        help="seconds; no new configuration starts after this (default 480)",
+    )
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    args.out = args.out or default_out("models")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    if not torch.cuda.is_available():
+        print("bench_models needs a CUDA GPU", file=sys.stderr)
+        return 2
+    raise_recompile_limit()  # transformers' flex_attention is torch.compile'd
+    data = {
+        "kind": "models",
+        "runs": [{"environment": environment(), "args": jsonable(vars(args))}],
+        "specs": {n: vars(s) for n, s in MODELS.items()},
+        "train": [],
+        "decode": [],
+    }
+
+    def over_budget() -> bool:
+        return time.monotonic() - start > args.time_budget
+
+    if "train" in args.parts:
+        for name in args.models:
+            for impl in args.impls:
+                spec = MODELS[name]
+                result = {"model": name, "impl": impl, "batch": spec.batch, "seq_len": spec.seq_len}
+                if over_budget():
+                    result["skipped"] = "time budget"
+                else:
+                    try:
+                        result.update(bench_train(name, impl, args.steps))
+                    except Exception as exc:
+                        result["error"] = error_string(exc)
+                release()
+                data["train"].append(result)
+                write_json(args.out, data)
+                print(
+                    f"[{time.monotonic() - start:4.0f}s] train {name} {impl}: "
+                    f"{result.get('tokens_per_s', 0):,.0f} tokens/s "
+                    f"{result.get('error') or result.get('skipped') or ''}",
+                    flush=True,
+                )
+    if "decode" in args.parts:
+        for impl in args.impls:
+            if over_budget():
+                results = [
+                    {
+                        "model": DECODE_MODEL,
+                        "impl": impl,
+                        "batch": b,
+                        "prompt": p,
+                        "new_tokens": args.new_tokens,
+                        "skipped": "time budget",
+                    }
+                    for b, p in args.decode
+                ]
+            else:
+                try:
+                    results = bench_decode(impl, args.decode, args.new_tokens, args.warmup_tokens)
+                except Exception as exc:  # the model itself failed to build
+                    results = [
+                        {
+                            "model": DECODE_MODEL,
+                            "impl": impl,
+                            "batch": b,
+                            "prompt": p,
+                            "new_tokens": args.new_tokens,
+                            "error": error_string(exc),
+                        }
+                        for b, p in args.decode
+                    ]
+            release()
+            data["decode"] += results
+            write_json(args.out, data)
+            print(
+                f"[{time.monotonic() - start:4.0f}s] decode {impl}: "
+                + ", ".join(
+                    f"b{r['batch']} {r.get('tokens_per_s', 0):,.1f} tokens/s" for r in results
+                ),
+                flush=True,
+            )
+
+    print(report(data))
+    print(f"\nwrote {args.out}")
+    if not args.no_plot:
+        from plot import plot_files
+
+        print(f"wrote {plot_files([args.out])}")
+    bad = [r for r in data["train"] if r.get("finite_loss") is False]
+    if bad:
+        print(
+            f"\n!!! non-finite loss: {[(r['model'], r['impl']) for r in bad]} !!!", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

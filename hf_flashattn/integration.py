@@ -1,0 +1,372 @@
+"""The transformers hook: ``attn_implementation="triton_attention"``.
+
+Three pieces, registered together by :func:`register`:
+
+* :func:`attention_mask` (``AttentionMaskInterface``) builds the mask in the cheapest form the
+  kernels take. transformers passes a function registered only in ``AttentionInterface`` no mask
+  at all, which would silently drop padding.
+* :func:`attention_forward` (``AttentionInterface``) normalises whatever mask it is given to
+  (key-padding mask, causal flag, number of keys) and calls :func:`hf_flashattn.flash_attn`.
+* Calls the kernels cannot serve (see :func:`hf_flashattn.support.unsupported_reason`) run the
+  model's own ``eager_attention_forward`` with an additive mask, warning once per reason.
+
+Mask forms, by what the attention function receives:
+
+==========================  ======================================================================
+``None``                    no padding; causal as the module says (``is_causal``)
+2-D ``(batch, kv_len)``     bool key-padding mask (True = attend) over the first ``kv_len`` keys;
+                            causal as the module says, bottom-right aligned to those keys; keys
+                            from ``kv_len`` on (unused static-cache slots) are never attended
+4-D ``(batch, 1, 1, k)``    key padding without causality (bidirectional masks)
+4-D ``(batch, 1, q, k)``    anything else, bool or additive float, with eager's meaning: checked
+                            once per mask tensor for being key padding + causal, else eager runs
+==========================  ======================================================================
+
+The 2-D form is what transformers' own FlashAttention-2 mask function returns, so models that
+support FA2 already pass it through untouched. Our mask function returns the full 4-D mask only
+for patterns it cannot tell apart from the mask function's identity (sliding windows, chunks,
+packed sequences, or/and overlays); those cost O(seq_q * seq_k) once per forward, as in SDPA.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+from .op import flash_attn
+from .support import sliding_window, unsupported_reason
+
+ATTN_IMPLEMENTATION = "triton_attention"
+
+# Additive-mask entries at or below this are masked: exp() of them underflows to exactly 0 in a
+# float32 softmax. Covers -inf, finfo(dtype).min (transformers) and -1e4 (older BERT-style masks).
+_MASKED_AT_OR_BELOW = -1.0e4
+
+
+class EagerFallbackWarning(UserWarning):
+    """An attention call ran eager attention because the kernels cannot serve it."""
+
+
+class KernelMask(NamedTuple):
+    """An attention mask in the form the kernels take.
+
+    key_padding_mask: (batch_size, kv_len) bool, True = attend; None when every key is attended.
+    causal: bottom-right aligned causal mask over the first ``kv_len`` keys.
+    kv_len: keys ``[0, kv_len)`` take part; the rest (unused static-cache slots) never do.
+    """
+
+    key_padding_mask: torch.Tensor | None
+    causal: bool
+    kv_len: int
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+# ---------------------------------------------------------------------------- mask function
+def attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` function for ``triton_attention``.
+
+    Called by transformers' ``create_causal_mask`` / ``create_bidirectional_mask`` /
+    ``create_sliding_window_causal_mask`` with the same arguments as ``sdpa_mask``. Plain causal
+    and plain bidirectional masks are recognised by ``mask_function`` and never materialised as
+    (seq_q, seq_k); anything else is built by ``sdpa_mask``.
+
+    Arguments:
+        batch_size, q_length, kv_length: sizes of the attention call.
+        q_offset: position of the first query (a tensor for static caches).
+        kv_offset: position of the first key.
+        mask_function: transformers' mask pattern, (batch, head, q_idx, kv_idx) -> bool.
+        attention_mask: (batch_size, >= kv_offset + kv_length or shorter) bool padding mask,
+            True = real token; None without padding.
+
+    Return:
+        ``None``: causal, no padding, keys aligned to the queries (the common unpadded case).
+        (batch_size, kv_len) bool: key padding over the first ``kv_len <= kv_length`` keys, causal.
+        (batch_size, 1, 1, kv_length) bool: key padding, bidirectional.
+        (batch_size, 1, q_length, kv_length) bool: a pattern the kernels may not express.
+    """
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.to(torch.bool)
+        if (short := kv_offset + kv_length - padding.shape[-1]) > 0:
+            padding = nn.functional.pad(padding, (0, short))  # as transformers does: missing = padding
+        padding = padding[:, kv_offset : kv_offset + kv_length]
+
+    if mask_function is bidirectional_mask_function:
+        # Never None: the module may be a causal decoder run bidirectionally (config.is_causal=False).
+        if padding is None:
+            return torch.ones((batch_size, 1, 1, kv_length), dtype=torch.bool, device=device)
+        return padding[:, None, None, :]
+
+    if mask_function is causal_mask_function:
+        # Query i (0-based in this call) sees keys j <= i + shift.
+        shift = q_offset - kv_offset
+        if not isinstance(shift, torch.Tensor) and shift == kv_length - q_length:
+            # Bottom-right alignment, as the kernels do it (no cache, or a dynamic cache).
+            # .all() syncs the host; when compiling keep the mask instead of breaking the graph.
+            if padding is None or (not _tracing() and bool(padding.all())):
+                return None
+            return padding
+        if q_length == 1:
+            # One query (static-cache decoding): causality is a prefix of the keys; fold it into
+            # the padding vector with tensor ops so a compiled decode step never syncs.
+            visible = torch.arange(kv_length, device=device) <= shift
+            return visible.expand(batch_size, -1) if padding is None else padding & visible
+        # Static-cache prefill: keys past the last query's position are empty slots; cutting them
+        # off restores the bottom-right alignment (one host sync, on prefill only).
+        kv_len = q_length + int(shift)
+        if 0 < kv_len <= kv_length:
+            if padding is None:
+                return torch.ones((batch_size, kv_len), dtype=torch.bool, device=device)
+            return padding[:, :kv_len]
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------- mask normalisation
+def _causal_pattern(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """(q_len, kv_len) bool, bottom-right aligned: query i sees keys j <= i + kv_len - q_len."""
+    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return torch.arange(kv_len, device=device)[None, :] <= rows
+
+
+def _analyse_4d(mask: torch.Tensor, q_len: int, k_len: int) -> KernelMask | None:
+    """Express a 4-D (batch | 1, heads | 1, q_len | 1, k_len) mask as key padding + causal."""
+    if mask.shape[-1] != k_len or mask.shape[-2] not in (1, q_len):
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask == 0
+        if not bool((allowed | (mask <= _MASKED_AT_OR_BELOW)).all()):
+            return None  # a real bias, not just 0 / -inf
+    if mask.shape[-2] == 1:
+        # One row for all queries: key padding only. With a single query causality is void too.
+        kpm = allowed[:, 0, 0, :]
+        if not bool((allowed == kpm[:, None, None, :]).all()):  # heads disagree
+            return None
+        return KernelMask(None if bool(kpm.all()) else kpm, False, k_len)
+    result = _match(allowed, q_len, k_len)
+    if result is None:
+        # Keys no query sees may be unused slots (a static cache's tail, with the causal mask
+        # written with offsets): cutting them off restores the bottom-right alignment.
+        seen = allowed.flatten(0, 2).any(0)
+        kv_len = int(seen.nonzero().max()) + 1 if bool(seen.any()) else k_len
+        if kv_len < k_len:
+            result = _match(allowed[..., :kv_len], q_len, kv_len)
+    return result
+
+
+def _match(allowed: torch.Tensor, q_len: int, kv_len: int) -> KernelMask | None:
+    """Whether a 4-D bool mask equals key padding (+ bottom-right causal), and which."""
+    # With bottom-right causality the last query sees every key, so its row is the padding.
+    kpm = allowed[:, 0, -1, :]
+    padded = kpm[:, None, None, :]
+    if bool((allowed == (padded & _causal_pattern(q_len, kv_len, allowed.device))).all()):
+        causal = True
+    elif bool((allowed == padded).all()):
+        causal = False
+    else:
+        return None
+    return KernelMask(None if bool(kpm.all()) else kpm, causal, kv_len)
+
+
+# transformers hands the same mask tensor to every layer: analyse it once per forward.
+_last_analysis: tuple[weakref.ref, int, int, int, KernelMask | None] | None = None
+
+
+def kernel_mask(attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int) -> KernelMask | None:
+    """Normalise an attention mask (any form in the module docstring) for the kernels.
+
+    Arguments:
+        attention_mask: None, (batch_size, kv_len) bool, or 4-D (batch, 1, seqlen_q | 1, seqlen_k)
+            bool (True = attend) or additive float (0 = attend).
+        causal: the module's causality, used for None and 2-D masks (4-D masks carry their own).
+        q_len, k_len: seqlen_q and seqlen_k of the attention call.
+
+    Return:
+        A :class:`KernelMask`, or None when the mask is not key padding + causal.
+    """
+    global _last_analysis
+    if attention_mask is None:
+        return KernelMask(None, causal, k_len)
+    if attention_mask.dim() == 2:
+        if attention_mask.shape[-1] > k_len:
+            raise ValueError(f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}")
+        return KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+    # No memo while tracing (a graph has no tensor identity) nor for inference tensors (no version
+    # counter to notice in-place edits).
+    if _tracing() or attention_mask.is_inference():
+        return _analyse_4d(attention_mask, q_len, k_len)
+    memo = _last_analysis
+    if (
+        memo is not None
+        and memo[0]() is attention_mask
+        and memo[1:4] == (attention_mask._version, q_len, k_len)
+    ):
+        return memo[4]
+    result = _analyse_4d(attention_mask, q_len, k_len)
+    _last_analysis = (weakref.ref(attention_mask), attention_mask._version, q_len, k_len, result)
+    return result
+
+
+# ---------------------------------------------------------------------------- eager fallback
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _generic_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention for modules whose modeling file has no ``eager_attention_forward``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _eager_function(module: nn.Module) -> Callable:
+    modeling = sys.modules.get(type(module).__module__)
+    return getattr(modeling, "eager_attention_forward", _generic_eager_attention)
+
+
+def _additive_mask(
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """The (batch, 1, seqlen_q, seqlen_k) additive mask eager attention takes, as eager_mask builds it."""
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool:
+            return attention_mask
+        return torch.where(attention_mask, torch.zeros((), dtype=dtype, device=query.device), torch.finfo(dtype).min)
+    q_len, k_len = query.shape[2], key.shape[2]
+    km = kernel_mask(attention_mask, causal, q_len, k_len)
+    cols = torch.arange(k_len, device=query.device)
+    allowed = (cols < km.kv_len)[None, :].expand(q_len, -1)
+    if km.causal or sliding_window is not None:
+        rows = torch.arange(q_len, device=query.device)[:, None] + (km.kv_len - q_len)
+        if km.causal:
+            allowed = allowed & (cols[None, :] <= rows)
+        if sliding_window is not None:
+            allowed = allowed & (cols[None, :] > rows - sliding_window)
+    allowed = allowed[None, None]
+    if km.key_padding_mask is not None:
+        kpm = nn.functional.pad(km.key_padding_mask, (0, k_len - km.kv_len))
+        allowed = allowed & kpm[:, None, None, :]
+    if bool(allowed.all()):
+        return None
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=query.device), torch.finfo(dtype).min)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"hf_flashattn: running eager attention: {reason}", EagerFallbackWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- attention function
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``AttentionInterface`` function for ``triton_attention``.
+
+    Grouped-query attention: ``heads_q`` must be a multiple of ``heads_kv``; K/V go to the kernels
+    unexpanded. Causality comes from ``kwargs["is_causal"]`` if given, else ``module.is_causal``
+    (default True), and is bottom-right aligned, as decoding with a KV cache needs.
+
+    Arguments:
+        module: the attention module (reads ``is_causal``, ``training``, ``sliding_window``).
+        query: (batch_size, heads_q, seqlen_q, head_dim).
+        key: (batch_size, heads_kv, seqlen_k, head_dim).
+        value: (batch_size, heads_kv, seqlen_k, head_dim).
+        attention_mask: None, 2-D or 4-D, in any form of the module docstring.
+        scaling: float, default ``head_dim ** -0.5``. Multiplies q @ k^T (GPT-2 passes its own).
+        dropout: float, default 0. Dropout probability (transformers passes 0 unless training).
+        kwargs: other keyword arguments from the model: ``output_attentions``, ``sliding_window``,
+            ``softcap``, ``s_aux``, ``position_bias`` send the call to eager attention.
+
+    Return:
+        attn_output: (batch_size, seqlen_q, heads_q, head_dim), contiguous.
+        attn_weights: None, or (batch_size, heads_q, seqlen_q, seqlen_k) when eager ran.
+    """
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    q_len, k_len = query.shape[2], key.shape[2]
+    km = kernel_mask(attention_mask, causal, q_len, k_len)
+    reason = unsupported_reason(
+        module, query, key, value, kwargs, kv_len=km.kv_len if km else k_len, mask_expressible=km is not None
+    )
+    if reason is not None:
+        _warn_once(reason)
+        mask = _additive_mask(attention_mask, causal, query, key, sliding_window(module, kwargs))
+        return _eager_function(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    if km.kv_len < k_len:
+        key, value = key[:, :, : km.kv_len], value[:, :, : km.kv_len]
+    kpm = km.key_padding_mask
+    if kpm is not None and kpm.shape[0] != query.shape[0]:
+        kpm = kpm.expand(query.shape[0], -1)  # a 4-D mask broadcast over the batch
+    out = flash_attn(query, key, value, causal=km.causal, scale=scaling, dropout_p=dropout, key_padding_mask=kpm)
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Register ``"triton_attention"`` with transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface``. Idempotent; ``import hf_flashattn`` calls it.
+
+    Afterwards ``from_pretrained(..., attn_implementation="triton_attention")``, ``from_config``
+    and ``model.set_attn_implementation("triton_attention")`` accept the name. (Names containing
+    "flash" would be routed to transformers' flash-attn loader instead.)
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, attention_mask)

@@ -1,0 +1,100 @@
+"""What the kernels can serve, in one place: the feature list the README draws on, and the one
+predicate the transformers integration asks before each attention call.
+
+Everything that :func:`unsupported_reason` turns away runs through the model's own eager
+attention instead (see ``hf_flashattn.integration``), with one warning per reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .kernels import INTERPRETING
+from .op import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+SUPPORTED_FEATURES: dict[str, str] = {
+    "dtypes": "float16, bfloat16 and float32 (query, key and value in one dtype)",
+    "head sizes": f"1 to {MAX_HEAD_DIM}",
+    "grouped-query / multi-query attention": "query heads a multiple of key/value heads; K/V are never copied",
+    "causal attention": "bottom-right aligned, so decoding with a KV cache (fewer queries than keys) is exact",
+    "padding": "left and right padding, as a boolean key-padding mask",
+    "static KV caches": "unused cache slots are cut off before the kernel runs",
+    "bidirectional attention": "encoders, cross-attention and decoders with config.is_causal=False",
+    "sliding window": "only while the window covers every key (otherwise: eager)",
+    "dropout": "on the attention probabilities, drawn inside the kernel",
+    "training": "forward and backward kernels; gradient checkpointing",
+    "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd)",
+    "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), for tests",
+}
+
+# Why a call runs eager attention instead. Each value is the text of the (single) warning.
+FALLBACK_REASONS: dict[str, str] = {
+    "output_attentions": "output_attentions=True: the kernels never materialise the attention weights",
+    "dtype": "query/key/value dtype is not one of float16, bfloat16, float32, or they differ",
+    "head_size": f"head size above {MAX_HEAD_DIM}, or value head size differs from query/key head size",
+    "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before hf_flashattn is imported)",
+    "sliding_window": "a sliding window narrower than the keys",
+    "softcap": "attention logit soft-capping",
+    "attention_sinks": "attention sinks (s_aux)",
+    "position_bias": "an additive position bias",
+    "mask": "the attention mask is not key padding + causal (an arbitrary additive bias, packed sequences, "
+    "chunked or blockwise attention)",
+}
+
+
+def sliding_window(module: nn.Module, kwargs: Mapping[str, object]) -> int | None:
+    """The call's sliding window: ``kwargs["sliding_window"]``, else ``module.sliding_window``."""
+    window = kwargs.get("sliding_window")
+    return getattr(module, "sliding_window", None) if window is None else window
+
+
+def unsupported_reason(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kwargs: Mapping[str, object],
+    *,
+    kv_len: int,
+    mask_expressible: bool,
+) -> str | None:
+    """Why the kernels cannot serve this attention call, or None when they can.
+
+    Arguments:
+        module: the attention module transformers calls the attention function for.
+        query: (batch_size, heads_q, seqlen_q, head_dim).
+        key: (batch_size, heads_kv, seqlen_k, head_dim).
+        value: (batch_size, heads_kv, seqlen_k, head_dim_v).
+        kwargs: the extra keyword arguments transformers passed to the attention function.
+        kv_len: how many keys the mask lets any query see (seqlen_k, or fewer when the tail of a
+            static cache is unused).
+        mask_expressible: whether the attention mask is key padding + (bottom-right) causal.
+
+    Return:
+        A value of :data:`FALLBACK_REASONS`, or None.
+    """
+    if kwargs.get("output_attentions"):
+        return FALLBACK_REASONS["output_attentions"]
+    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return FALLBACK_REASONS["dtype"]
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] != query.shape[-1]:
+        return FALLBACK_REASONS["head_size"]
+    if not (query.device.type == "cuda" or (query.device.type == "cpu" and INTERPRETING)):
+        return FALLBACK_REASONS["device"]
+    window = sliding_window(module, kwargs)
+    # Inside the window every query sees every key (the farthest pair is max(seq_q, kv_len) - 1
+    # apart), so the window changes nothing and the kernels stay exact.
+    if window is not None and max(query.shape[2], kv_len) > window:
+        return FALLBACK_REASONS["sliding_window"]
+    if kwargs.get("softcap") is not None:
+        return FALLBACK_REASONS["softcap"]
+    if kwargs.get("s_aux") is not None:
+        return FALLBACK_REASONS["attention_sinks"]
+    if kwargs.get("position_bias") is not None:
+        return FALLBACK_REASONS["position_bias"]
+    if not mask_expressible:
+        return FALLBACK_REASONS["mask"]
+    return None
