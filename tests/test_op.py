@@ -64,12 +64,12 @@ class _tf32:
 
     def __enter__(self):
         if self.on:
-            self.prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            self.prev = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
 
     def __exit__(self, *exc):
         if self.on:
-            torch.backends.cuda.matmul.allow_tf32 = self.prev
+            torch.set_float32_matmul_precision(self.prev)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -73,31 +73,43 @@ def _attn_bwd_dkdv_inner(
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
+    # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64).
     d_mask = offs_d < HEAD_DIM
     cols = start_n + offs_n
+    if HAS_KPM:
+        keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+        q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                      mask=(offs_m[None, :] < seqlen_q) & d_mask[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :], other=0.0)
         if UPCAST:
-            q = q.to(tl.float32)
+            q_t = q_t.to(tl.float32)
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE, offs_m, seqlen_q)
         delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        p = _recompute_p(q, k, lse2, offs_m, cols, kpm_ptr, seqlen_k, causal_offset, qk_scale,
-                         MASKED, IS_CAUSAL, HAS_KPM)
-        dp = tl.dot(do, tl.trans(v))
+        # P^T = exp2(K Q^T * scale * log2e - lse * log2e); masked entries are exactly 0
+        p_t = tl.math.exp2(tl.dot(k, q_t) * qk_scale - lse2[None, :])
+        if MASKED:
+            valid = cols[:, None] < seqlen_k
+            if IS_CAUSAL:
+                valid = valid & (cols[:, None] <= offs_m[None, :] + causal_offset)
+            p_t = tl.where(valid, p_t, 0.0)
+        if HAS_KPM:
+            p_t = tl.where(keep_col[:, None], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do))
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, seqlen_k, dropout_p)
-            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            keep = _dropout_keep(seed, bh, offs_m[None, :] * seqlen_k + cols[:, None], dropout_p)
+            p_drop_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
-            p_drop = p
-        dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+            p_drop_t = p_t
+        dv = tl.dot(p_drop_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
     return dk, dv
 
 
@@ -221,7 +233,7 @@ def _attn_bwd_dq_inner(
                          MASKED, IS_CAUSAL, HAS_KPM)
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, seqlen_k, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)

@@ -13,10 +13,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, seqlen_k, dropout_p):
-    # One Philox stream per (batch, head), keyed by seed + bh; the counter is the (row, col)
-    # position, so backward regenerates exactly the forward's mask.
-    offsets = rows[:, None] * seqlen_k + cols[None, :]
+def _dropout_keep(seed, bh, offsets, dropout_p):
+    # One Philox stream per (batch, head), keyed by seed + bh; the counter is the element's
+    # position row * seqlen_k + col, so backward regenerates exactly the forward's mask (in
+    # whichever orientation it computes).
     return tl.rand(seed + bh, offsets) >= dropout_p
 
 
@@ -61,7 +61,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, cols, seqlen_k, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if MASKED:
             v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seqlen_k) & d_mask[None, :], other=0.0)
@@ -161,6 +161,6 @@ def dropout_mask_kernel(
     base = Mask + bh.to(tl.int64) * seqlen_q * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, offs_m, cols, seqlen_k, dropout_p)
+        keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
         ptrs = base + offs_m[:, None] * seqlen_k + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
