@@ -28,8 +28,13 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETING and dtype == torch.bfloat16
 
 
-def _strides(t: torch.Tensor | None, ndim: int = 4) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * ndim
+def _launch_options(cfg, dtype: torch.dtype) -> dict:
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if dtype == torch.float32 and not INTERPRETING:
+        # fp32 callers asked for fp32 accuracy: three tf32 passes give it (plain tf32 errs
+        # ~1e-3); the interpreter computes fp32 dots exactly and takes no such option
+        options["default_dot_input_precision"] = "tf32x3"
+    return options
 
 
 # ---------------------------------------------------------------------------- forward
@@ -62,8 +67,7 @@ def _fwd(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=_upcast(q.dtype), **_launch_options(cfg, q.dtype),
     )
     return out, lse
 
@@ -118,8 +122,7 @@ def _bwd(
         scale * _LOG2E, scale, dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         kpm_stride, heads_q, heads_kv, seqlen_q, seqlen_k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_launch_options(cfg, q.dtype), **common,
     )
     cfg = bwd_dq_config(head_dim, INTERPRETING)
     attn_bwd_dq_kernel[(triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q)](
@@ -127,8 +130,7 @@ def _bwd(
         scale * _LOG2E, scale, dropout_p, seed,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         kpm_stride, heads_q, seqlen_q, seqlen_k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_launch_options(cfg, q.dtype), **common,
     )
     return dq, dk, dv
 
