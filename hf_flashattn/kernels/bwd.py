@@ -256,7 +256,11 @@ def attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # the last query blocks see the most keys: launch them first so the tail is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
     bh = tl.program_id(1)
     b = bh // num_heads_q
     h = bh % num_heads_q
