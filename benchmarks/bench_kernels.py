@@ -1,13 +1,14 @@
 """Kernel level: hf_flashattn.flash_attn against SDPA's backends, FlexAttention and eager
 attention, with the shapes, modes, FLOP count and timing of BENCHMARKS.md.
 
-    python benchmarks/bench_kernels.py --quick                 # smoke run, about a minute
-    python benchmarks/bench_kernels.py --dtypes bf16           # one dtype of the protocol
-    python benchmarks/bench_kernels.py --dtypes fp16 --resume  # adds fp16 to the same JSON
+    python benchmarks/bench_kernels.py --quick                    # smoke run, 1-2 minutes
+    python benchmarks/bench_kernels.py --dtypes bf16 --out bf16.json
+    python benchmarks/bench_kernels.py --dtypes fp16 --out fp16.json
+    python benchmarks/bench_kernels.py --report bf16.json fp16.json --out all.json  # merge
 
-The JSON is rewritten after every shape and a run stops cleanly at --time-budget, so a run
-that does not fit is finished by the same command with --resume. A PNG (plot.py) is written
-next to the JSON.
+The JSON is rewritten after every shape and a run stops cleanly at --time-budget; the same
+command with --resume (the JSON in place) measures what is missing. A PNG (plot.py) is
+written next to the JSON.
 """
 
 from __future__ import annotations
@@ -399,7 +400,9 @@ def run(args, out: Path, start: float) -> tuple[dict, bool]:
         data["results"] += records
         write_json(out, data)
         summary = ", ".join(
-            f"{r['mode']} ours {r['peers'].get('ours', {}).get('tflops', 0):.0f}" for r in records
+            f"{r['mode']} ours {r['peers'].get('ours', {}).get('tflops', 0):.0f}"
+            + (" !!! NaN !!!" if r.get("check", {}).get("nan") else "")
+            for r in records
         )
         print(
             f"[{time.monotonic() - start:4.0f}s] {dtype_name} D={head_dim} causal={causal} "
@@ -428,10 +431,13 @@ def main(argv=None) -> int:
     print(format_table(data["results"]))
     if out:
         print(f"\nwrote {out}")
-    if not args.no_plot:
+    if not args.no_plot and data["results"]:
         from plot import plot_files
 
-        print(f"wrote {plot_files([out] if out else args.report)}")
+        try:
+            print(f"wrote {plot_files([out] if out else args.report)}")
+        except Exception as exc:  # the JSON is written; a chart can be redrawn with plot.py
+            print(f"plot failed: {error_string(exc)}", file=sys.stderr)
     if stopped:
         print(
             f"\nstopped at the {args.time_budget:.0f}s budget: rerun with --resume --out {out} "

@@ -116,6 +116,7 @@ def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
         "step_ms": step_s * 1e3,
         "peak_gib": torch.cuda.max_memory_allocated() / GIB,
         "params_m": params / 1e6,
+        "attn_implementation": model.config._attn_implementation,  # what transformers ran
         "step_times_ms": [round(t * 1e3, 2) for t in times],
         "losses": losses,
         "finite_loss": all(math.isfinite(x) for x in losses),
@@ -165,6 +166,7 @@ def bench_decode(
             torch.cuda.reset_peak_memory_stats()
             seconds = timed_generate(model, ids, new_tokens)
             result.update(
+                attn_implementation=model.config._attn_implementation,
                 tokens_per_s=batch * new_tokens / seconds,
                 seconds=seconds,
                 peak_gib=torch.cuda.max_memory_allocated() / GIB,
@@ -357,10 +359,13 @@ def main(argv=None) -> int:
 
     print(report(data))
     print(f"\nwrote {args.out}")
-    if not args.no_plot:
+    if not args.no_plot and (data["train"] or data["decode"]):
         from plot import plot_files
 
-        print(f"wrote {plot_files([args.out])}")
+        try:
+            print(f"wrote {plot_files([args.out])}")
+        except Exception as exc:  # the JSON is written; a chart can be redrawn with plot.py
+            print(f"plot failed: {error_string(exc)}", file=sys.stderr)
     bad = [r for r in data["train"] if r.get("finite_loss") is False]
     if bad:
         print(

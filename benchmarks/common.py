@@ -1,7 +1,7 @@
 """Shared by the benchmark scripts: run metadata, timing and memory probes, the two hardware
 ceilings, and JSON files written so that a killed run keeps what it measured.
 
-Protocol: /work/shared/BENCHMARKS.md (kept in the repository's shared notes).
+The protocol they follow is BENCHMARKS.md (shapes, peers, FLOP count, timing, ceilings).
 """
 
 from __future__ import annotations
