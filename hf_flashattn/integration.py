@@ -109,11 +109,13 @@ def attention_mask(
     if attention_mask is not None:
         padding = attention_mask.to(torch.bool)
         if (short := kv_offset + kv_length - padding.shape[-1]) > 0:
-            padding = nn.functional.pad(padding, (0, short))  # as transformers does: missing = padding
+            # As transformers does: positions the 2-D mask does not cover are padding.
+            padding = nn.functional.pad(padding, (0, short))
         padding = padding[:, kv_offset : kv_offset + kv_length]
 
     if mask_function is bidirectional_mask_function:
-        # Never None: the module may be a causal decoder run bidirectionally (config.is_causal=False).
+        # Never None: the module may be a causal decoder run bidirectionally
+        # (config.is_causal=False), and None would mean "causal as the module says".
         if padding is None:
             return torch.ones((batch_size, 1, 1, kv_length), dtype=torch.bool, device=device)
         return padding[:, None, None, :]
@@ -140,7 +142,11 @@ def attention_mask(
                 return torch.ones((batch_size, kv_len), dtype=torch.bool, device=device)
             return padding[:, :kv_len]
 
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+    kwargs = {
+        k: v
+        for k, v in kwargs.items()
+        if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")
+    }
     return sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,
@@ -207,7 +213,9 @@ def _match(allowed: torch.Tensor, q_len: int, kv_len: int) -> KernelMask | None:
 _last_analysis: tuple[weakref.ref, int, int, int, KernelMask | None] | None = None
 
 
-def kernel_mask(attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int) -> KernelMask | None:
+def kernel_mask(
+    attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int
+) -> KernelMask | None:
     """Normalise an attention mask (any form in the module docstring) for the kernels.
 
     Arguments:
@@ -224,10 +232,14 @@ def kernel_mask(attention_mask: torch.Tensor | None, causal: bool, q_len: int, k
         return KernelMask(None, causal, k_len)
     if attention_mask.dim() == 2:
         if attention_mask.shape[-1] > k_len:
-            raise ValueError(f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}")
+            raise ValueError(
+                f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}"
+            )
         return KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
     if attention_mask.dim() != 4:
-        raise ValueError(f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}"
+        )
     # No memo while tracing (a graph has no tensor identity) nor for inference tensors (no version
     # counter to notice in-place edits).
     if _tracing() or attention_mask.is_inference():
@@ -249,7 +261,9 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _generic_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _generic_eager_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
     """Eager attention for modules whose modeling file has no ``eager_attention_forward``."""
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -274,12 +288,17 @@ def _additive_mask(
     key: torch.Tensor,
     sliding_window: int | None,
 ) -> torch.Tensor | None:
-    """The (batch, 1, seqlen_q, seqlen_k) additive mask eager attention takes, as eager_mask builds it."""
+    """The (batch, 1, seqlen_q, seqlen_k) additive mask eager attention takes (as eager_mask
+    builds it), or None when nothing is masked."""
     dtype = query.dtype
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:
             return attention_mask
-        return torch.where(attention_mask, torch.zeros((), dtype=dtype, device=query.device), torch.finfo(dtype).min)
+        return torch.where(
+            attention_mask,
+            torch.zeros((), dtype=dtype, device=query.device),
+            torch.finfo(dtype).min,
+        )
     q_len, k_len = query.shape[2], key.shape[2]
     km = kernel_mask(attention_mask, causal, q_len, k_len)
     cols = torch.arange(k_len, device=query.device)
@@ -296,7 +315,9 @@ def _additive_mask(
         allowed = allowed & kpm[:, None, None, :]
     if bool(allowed.all()):
         return None
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=query.device), torch.finfo(dtype).min)
+    return torch.where(
+        allowed, torch.zeros((), dtype=dtype, device=query.device), torch.finfo(dtype).min
+    )
 
 
 _warned: set[str] = set()
@@ -305,7 +326,9 @@ _warned: set[str] = set()
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"hf_flashattn: running eager attention: {reason}", EagerFallbackWarning, stacklevel=3)
+        warnings.warn(
+            f"hf_flashattn: running eager attention: {reason}", EagerFallbackWarning, stacklevel=3
+        )
 
 
 # ---------------------------------------------------------------------------- attention function
@@ -345,18 +368,28 @@ def attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     km = kernel_mask(attention_mask, causal, q_len, k_len)
     reason = unsupported_reason(
-        module, query, key, value, kwargs, kv_len=km.kv_len if km else k_len, mask_expressible=km is not None
+        module,
+        query,
+        key,
+        value,
+        kwargs,
+        kv_len=km.kv_len if km else k_len,
+        mask_expressible=km is not None,
     )
     if reason is not None:
         _warn_once(reason)
         mask = _additive_mask(attention_mask, causal, query, key, sliding_window(module, kwargs))
-        return _eager_function(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _eager_function(module)(
+            module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if km.kv_len < k_len:
         key, value = key[:, :, : km.kv_len], value[:, :, : km.kv_len]
     kpm = km.key_padding_mask
     if kpm is not None and kpm.shape[0] != query.shape[0]:
         kpm = kpm.expand(query.shape[0], -1)  # a 4-D mask broadcast over the batch
-    out = flash_attn(query, key, value, causal=km.causal, scale=scaling, dropout_p=dropout, key_padding_mask=kpm)
+    out = flash_attn(
+        query, key, value, causal=km.causal, scale=scaling, dropout_p=dropout, key_padding_mask=kpm
+    )
     return out.transpose(1, 2), None
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from transformers.utils import output_capturing
 
 from .kernels import INTERPRETING
 from .op import MAX_HEAD_DIM, SUPPORTED_DTYPES
@@ -18,8 +19,10 @@ from .op import MAX_HEAD_DIM, SUPPORTED_DTYPES
 SUPPORTED_FEATURES: dict[str, str] = {
     "dtypes": "float16, bfloat16 and float32 (query, key and value in one dtype)",
     "head sizes": f"1 to {MAX_HEAD_DIM}",
-    "grouped-query / multi-query attention": "query heads a multiple of key/value heads; K/V are never copied",
-    "causal attention": "bottom-right aligned, so decoding with a KV cache (fewer queries than keys) is exact",
+    "grouped-query / multi-query attention": "query heads a multiple of key/value heads; "
+    "K/V are never copied",
+    "causal attention": "bottom-right aligned, so decoding with a KV cache (fewer queries than "
+    "keys) is exact",
     "padding": "left and right padding, as a boolean key-padding mask",
     "static KV caches": "unused cache slots are cut off before the kernel runs",
     "bidirectional attention": "encoders, cross-attention and decoders with config.is_causal=False",
@@ -27,22 +30,37 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "dropout": "on the attention probabilities, drawn inside the kernel",
     "training": "forward and backward kernels; gradient checkpointing",
     "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd)",
-    "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), for tests",
+    "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), "
+    "for tests",
 }
 
 # Why a call runs eager attention instead. Each value is the text of the (single) warning.
 FALLBACK_REASONS: dict[str, str] = {
-    "output_attentions": "output_attentions=True: the kernels never materialise the attention weights",
+    "output_attentions": "output_attentions=True: the kernels never materialise the attention "
+    "weights",
     "dtype": "query/key/value dtype is not one of float16, bfloat16, float32, or they differ",
-    "head_size": f"head size above {MAX_HEAD_DIM}, or value head size differs from query/key head size",
-    "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before hf_flashattn is imported)",
+    "head_size": f"head size above {MAX_HEAD_DIM}, or value head size differs from query/key "
+    "head size",
+    "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before "
+    "hf_flashattn is imported)",
     "sliding_window": "a sliding window narrower than the keys",
     "softcap": "attention logit soft-capping",
     "attention_sinks": "attention sinks (s_aux)",
     "position_bias": "an additive position bias",
-    "mask": "the attention mask is not key padding + causal (an arbitrary additive bias, packed sequences, "
-    "chunked or blockwise attention)",
+    "mask": "the attention mask is not key padding + causal (an arbitrary additive bias, "
+    "packed sequences, chunked or blockwise attention)",
 }
+
+
+def _attentions_requested(kwargs: Mapping[str, object]) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    # Some models (GPT-2) swallow output_attentions before the attention call and collect the
+    # weights with hooks instead; transformers' collector (5.x, private, so looked up
+    # defensively) then holds an "attentions" list for the forward in flight.
+    collector = getattr(output_capturing, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    return isinstance(collected, dict) and "attentions" in collected
 
 
 def sliding_window(module: nn.Module, kwargs: Mapping[str, object]) -> int | None:
@@ -76,9 +94,13 @@ def unsupported_reason(
     Return:
         A value of :data:`FALLBACK_REASONS`, or None.
     """
-    if kwargs.get("output_attentions"):
+    if _attentions_requested(kwargs):
         return FALLBACK_REASONS["output_attentions"]
-    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+    if (
+        query.dtype not in SUPPORTED_DTYPES
+        or key.dtype != query.dtype
+        or value.dtype != query.dtype
+    ):
         return FALLBACK_REASONS["dtype"]
     if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] != query.shape[-1]:
         return FALLBACK_REASONS["head_size"]

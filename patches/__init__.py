@@ -35,7 +35,8 @@ def apply(model: nn.Module) -> int:
     if model_type not in ADAPTERS:
         raise ValueError(
             f"no hf_flashattn adapter for model_type {model_type!r}; adapters exist for: "
-            f"{', '.join(sorted(ADAPTERS))}. Other models can use attn_implementation=\"triton_attention\"."
+            f"{', '.join(sorted(ADAPTERS))}. Other models can use "
+            'attn_implementation="triton_attention".'
         )
     return ADAPTERS[model_type].apply(model)
 

@@ -19,7 +19,11 @@ _ABSENT = object()
 
 
 def _target(module: nn.Module) -> str:
-    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in vars(module) else "forward"
+    return (
+        "_old_forward"
+        if hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
+        else "forward"
+    )
 
 
 def patch_forwards(model: nn.Module, attention_class: type, forward: Callable, family: str) -> int:
@@ -41,7 +45,9 @@ def patch_forwards(model: nn.Module, attention_class: type, forward: Callable, f
     """
     modules = [m for m in model.modules() if isinstance(m, attention_class)]
     if not modules:
-        raise ValueError(f"no {attention_class.__name__} module in {type(model).__name__}: not a {family} model")
+        raise ValueError(
+            f"no {attention_class.__name__} module in {type(model).__name__}: not a {family} model"
+        )
     for module in modules:
         if _SAVED in vars(module):
             continue

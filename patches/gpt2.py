@@ -54,7 +54,11 @@ def gpt2_attention_forward(
     cache, is_updated = past_key_values, False
     if isinstance(past_key_values, EncoderDecoderCache):
         is_updated = bool(past_key_values.is_updated.get(self.layer_idx))
-        cache = past_key_values.cross_attention_cache if is_cross_attention else past_key_values.self_attention_cache
+        cache = (
+            past_key_values.cross_attention_cache
+            if is_cross_attention
+            else past_key_values.self_attention_cache
+        )
 
     if is_cross_attention:
         query = _heads(self, self.q_attn(hidden_states))
@@ -63,9 +67,14 @@ def gpt2_attention_forward(
             # After the first step the encoder's keys/values sit in the cross-attention cache.
             key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
         else:
-            key, value = (_heads(self, t) for t in self.c_attn(encoder_hidden_states).split(self.split_size, dim=2))
+            key, value = (
+                _heads(self, t)
+                for t in self.c_attn(encoder_hidden_states).split(self.split_size, dim=2)
+            )
     else:
-        query, key, value = (_heads(self, t) for t in self.c_attn(hidden_states).split(self.split_size, dim=2))
+        query, key, value = (
+            _heads(self, t) for t in self.c_attn(hidden_states).split(self.split_size, dim=2)
+        )
 
     if cache is not None and not (is_cross_attention and is_updated):
         key, value = cache.update(key, value, self.layer_idx)

@@ -1,0 +1,575 @@
+"""attn_implementation="triton_attention" against transformers' eager attention on tiny random
+models (fp32, CPU through Triton's interpreter, or a GPU).
+
+Tolerances: both sides compute in float32 and differ only in summation order (about 1e-7 on
+these models); a masking or scaling error moves logits by O(0.1). rtol=1e-4 sits in between.
+Fallback tests run the very same eager function on the very same mask, so they ask for equality.
+"""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+from transformers.masking_utils import (
+    bidirectional_mask_function,
+    causal_mask_function,
+    eager_mask,
+    sdpa_mask,
+    sliding_window_causal_mask_function,
+)
+from transformers.models.llama import modeling_llama
+
+import hf_flashattn
+from hf_flashattn import integration, support
+from hf_flashattn.integration import EagerFallbackWarning, KernelMask, kernel_mask
+
+IMPL = hf_flashattn.ATTN_IMPLEMENTATION
+TOL = dict(rtol=1e-4, atol=1e-5)
+VOCAB = 96
+
+
+def llama(device, impl="eager", **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.update(overrides)
+    model = LlamaForCausalLM(config).to(device).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def gpt2(device, impl="eager", **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        scale_attn_by_inverse_layer_idx=True,  # a GPT-2 scaling rule that must reach the kernels
+    )
+    config.update(overrides)
+    model = GPT2LMHeadModel(config).to(device).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+MODELS = {"llama": llama, "gpt2": gpt2}
+
+
+def padded_batch(device, seq=8):
+    """Row 0 left-padded, row 1 right-padded, row 2 unpadded. Labels ignore the padding and the
+    first real token of row 0, which the (padded, hence arbitrary) position before it predicts."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, seq), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, -2:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    predicted_from_padding = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=1) == 0
+    labels = ids.masked_fill((mask == 0) | predicted_from_padding, -100)
+    return ids, mask, labels
+
+
+def forward_backward(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The keyword arguments of every flash_attn call the integration makes."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return flash_attn(*args, **kwargs)
+
+    flash_attn = integration.flash_attn
+    monkeypatch.setattr(integration, "flash_attn", spy)
+    return calls
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which fallback reasons were warned about, and record the warnings from here on."""
+    monkeypatch.setattr(integration, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def assert_equal(actual, expected):
+    """Bitwise equal; NaN equals NaN (eager's fully padded rows overflow in float64)."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def fallback_messages(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, EagerFallbackWarning)]
+
+
+# ---------------------------------------------------------------------------- registration
+def test_import_registers_both_interfaces_idempotently():
+    assert IMPL == "triton_attention" and "flash" not in IMPL
+    for _ in range(2):
+        assert AttentionInterface()[IMPL] is integration.attention_forward
+        assert AttentionMaskInterface()[IMPL] is integration.attention_mask
+        hf_flashattn.register()
+
+
+def test_readme_tables_copy_the_feature_list_and_the_fallback_reasons():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for feature, text in support.SUPPORTED_FEATURES.items():
+        assert f"| {feature} | {text} |" in readme
+    for reason, text in support.FALLBACK_REASONS.items():
+        assert f"| `{reason}` | {text} |" in readme
+    assert len(set(support.FALLBACK_REASONS.values())) == len(support.FALLBACK_REASONS)
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("family", MODELS)
+def test_padded_batch_matches_eager(family, device, kernel_calls):
+    model = MODELS[family](device)
+    ids, mask, labels = padded_batch(device)
+    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
+    model.set_attn_implementation(IMPL)
+    logits, loss, grads = forward_backward(model, ids, mask, labels)
+
+    assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
+    assert all(c["key_padding_mask"] is not None and c["causal"] for c in kernel_calls)
+    real = mask.bool()  # a padded query's row differs by design (eager: uniform, kernels: zeros)
+    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_greedy_generate_left_padded_matches_eager(cache_implementation, device, kernel_calls):
+    model = llama(device)
+    ids, mask, _ = padded_batch(device, seq=6)
+    ids, mask = ids[[0, 2]], mask[[0, 2]]  # left padding only, as for generation
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=False,
+        cache_implementation=cache_implementation,
+    )
+    ref = model.generate(ids, **kwargs)
+    model.set_attn_implementation(IMPL)
+    out = model.generate(ids, **kwargs)
+
+    assert len(kernel_calls) == 4 * model.config.num_hidden_layers  # prefill + 3 decode steps
+    assert torch.equal(out, ref)
+
+
+def test_from_config_and_from_pretrained(tmp_path, device, kernel_calls):
+    eager = llama(device)
+    eager.save_pretrained(tmp_path)
+    ids, mask, _ = padded_batch(device)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=IMPL).to(device)
+    assert loaded.config._attn_implementation == IMPL
+    torch.testing.assert_close(
+        loaded(ids, attention_mask=mask).logits[mask.bool()],
+        eager(ids, attention_mask=mask).logits[mask.bool()],
+        **TOL,
+    )
+    assert len(kernel_calls) == eager.config.num_hidden_layers
+
+    built = AutoModelForCausalLM.from_config(eager.config, attn_implementation=IMPL)
+    assert built.config._attn_implementation == IMPL
+
+
+def test_set_attn_implementation_back_and_forth(device, kernel_calls):
+    model = llama(device)
+    ids, mask, _ = padded_batch(device)
+    ref = model(ids, attention_mask=mask).logits
+    for _ in range(2):
+        model.set_attn_implementation(IMPL)
+        assert model.config._attn_implementation == IMPL
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits[mask.bool()], ref[mask.bool()], **TOL
+        )
+        model.set_attn_implementation("eager")
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+    assert len(kernel_calls) == 2 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_training_with_dropout_lowers_the_loss(family, device, kernel_calls):
+    dropout = {"llama": {"attention_dropout": 0.1}, "gpt2": {"attn_pdrop": 0.1}}[family]
+    model = MODELS[family](device, IMPL, **dropout).train()
+    ids, mask, labels = padded_batch(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(c["dropout_p"] == 0.1 for c in kernel_calls) and kernel_calls
+    assert losses[-1] < losses[0], losses
+    # Dropout is live in training and off in eval.
+    with torch.no_grad():
+        assert not torch.equal(
+            model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+        model.eval()
+        assert torch.equal(
+            model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+
+
+def test_gradient_checkpointing_reproduces_gradients(device, kernel_calls):
+    """Recomputation must redraw the same dropout mask: same gradients with and without."""
+    model = llama(device, IMPL, attention_dropout=0.1).train()
+    ids, mask, labels = padded_batch(device)
+    torch.manual_seed(2)
+    _, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
+    # activation_checkpointing_enable supersedes gradient_checkpointing_enable in transformers 5.23
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    n_calls = len(kernel_calls)
+    torch.manual_seed(2)
+    _, loss, grads = forward_backward(model, ids, mask, labels)
+
+    assert len(kernel_calls) == 3 * n_calls  # the checkpointed forward ran twice
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def test_torch_compile_fullgraph(device):
+    """Dynamo captures the whole padded forward in one graph (no .item()/.all() on the mask),
+    with one kernel call per layer; AOT autograd traces it through the fake kernels."""
+    model = llama(device, IMPL)
+    ids, mask, _ = padded_batch(device)
+    ref = model(ids, attention_mask=mask).logits
+    graphs = []
+
+    def recording_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_aot_eager, fullgraph=True)
+    torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, ref, **TOL)
+    assert (
+        len(graphs) == 1
+        and graphs[0].code.count("hf_flashattn.fwd") == model.config.num_hidden_layers
+    )
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor(device):
+    """The default backend (inductor; C++ codegen on the CPU: about 40 s on 2 cores, cold)."""
+    model = llama(device, IMPL)
+    ids, mask, _ = padded_batch(device)
+    ref = model(ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, ref, **TOL)
+
+
+# ---------------------------------------------------------------------------- mask function
+def _dense(form, q_len, k_len, device):
+    """The boolean (batch, 1, q, k) pattern a mask-function result means to a causal module."""
+    q = torch.empty(1, 1, q_len, 1, device=device)
+    k = torch.empty(1, 1, k_len, 1, device=device)
+    additive = integration._additive_mask(form, True, q, k, None)
+    return (
+        torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+        if additive is None
+        else additive == 0
+    )
+
+
+PADDING = torch.tensor(
+    [[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool
+)
+MASK_CASES = {
+    # name: (q_length, kv_length, q_offset, padding, mask_function, expected form)
+    "prefill, unpadded": (6, 6, 0, None, causal_mask_function, "none"),
+    "prefill, padded": (10, 10, 0, PADDING, causal_mask_function, "2d"),
+    "dynamic-cache decode": (1, 10, 9, PADDING, causal_mask_function, "2d"),
+    "dynamic-cache chunk": (3, 10, 7, PADDING, causal_mask_function, "2d"),
+    "static-cache prefill": (4, 10, 0, PADDING[:, :4], causal_mask_function, "2d short"),
+    "static-cache prefill, unpadded": (4, 10, 0, None, causal_mask_function, "2d short"),
+    "static-cache decode": (1, 10, torch.tensor(5), PADDING[:, :6], causal_mask_function, "2d"),
+    "bidirectional": (5, 10, 0, PADDING, bidirectional_mask_function, "key padding"),
+    "bidirectional, unpadded": (5, 10, 0, None, bidirectional_mask_function, "key padding"),
+    "sliding window": (10, 10, 0, PADDING, sliding_window_causal_mask_function(3), "4d"),
+}
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_mask_function_is_cheap_and_means_what_sdpa_mask_means(case, device):
+    q_len, k_len, q_offset, padding, mask_function, expected = MASK_CASES[case]
+    padding = None if padding is None else padding.to(device)
+    args = dict(
+        batch_size=2,
+        q_length=q_len,
+        kv_length=k_len,
+        q_offset=q_offset,
+        kv_offset=0,
+        mask_function=mask_function,
+        attention_mask=padding,
+        device=device,
+    )
+    form = integration.attention_mask(**args, allow_is_causal_skip=True, dtype=torch.float32)
+    kind = (
+        "none"
+        if form is None
+        else ("2d short" if form.shape[-1] < k_len else "2d")
+        if form.dim() == 2
+        else "key padding"
+        if form.shape[-2] == 1
+        else "4d"
+    )
+    assert kind == expected
+    want = sdpa_mask(**args, allow_is_causal_skip=False).expand(2, 1, q_len, k_len)
+    assert torch.equal(_dense(form, q_len, k_len, device).expand(2, 1, q_len, k_len), want)
+
+
+# ---------------------------------------------------------------------------- 4-D masks
+def _eager_style(padding, q_len, k_len, q_offset=0):
+    mask = eager_mask(
+        batch_size=padding.shape[0],
+        q_length=q_len,
+        kv_length=k_len,
+        q_offset=q_offset,
+        attention_mask=padding,
+        dtype=torch.float32,
+        device=padding.device,
+    )
+    return mask
+
+
+def test_4d_causal_padding_mask_is_understood(device):
+    padding = PADDING.to(device)
+    km = kernel_mask(_eager_style(padding, 10, 10), False, 10, 10)
+    assert km.causal and km.kv_len == 10 and torch.equal(km.key_padding_mask, padding)
+    km = kernel_mask(_eager_style(padding, 10, 10) == 0, False, 10, 10)  # bool form
+    assert km.causal and torch.equal(km.key_padding_mask, padding)
+
+
+def test_4d_mask_right_padded_everywhere_keeps_all_keys(device):
+    """The last key is padding in every row: it is seen by no query, yet not a cache slot."""
+    padding = torch.ones(2, 6, dtype=torch.bool, device=device)
+    padding[:, -1] = False
+    km = kernel_mask(_eager_style(padding, 6, 6), False, 6, 6)
+    assert km.causal and km.kv_len == 6 and torch.equal(km.key_padding_mask, padding)
+
+
+def test_4d_static_cache_mask_drops_unused_slots(device):
+    padding = PADDING[:, :4].to(device)
+    km = kernel_mask(_eager_style(padding, 4, 10), True, 4, 10)
+    assert km.causal and km.kv_len == 4 and torch.equal(km.key_padding_mask, padding)
+
+
+def test_4d_key_padding_only(device):
+    padding = PADDING.to(device)
+    additive = torch.zeros(2, 1, 1, 10, device=device).masked_fill(
+        ~padding[:, None, None], torch.finfo(torch.float32).min
+    )
+    km = kernel_mask(additive, True, 5, 10)
+    assert not km.causal and torch.equal(km.key_padding_mask, padding)
+    unpadded = kernel_mask(torch.zeros(1, 1, 5, 10, device=device), True, 5, 10)
+    assert unpadded == KernelMask(None, False, 10)
+
+
+def test_4d_masks_the_kernels_cannot_take(device):
+    padding = PADDING.to(device)
+    biased = _eager_style(padding, 10, 10) - 0.5 * torch.rand(10, 10, device=device)
+    assert kernel_mask(biased, True, 10, 10) is None
+    per_head = (_eager_style(padding, 10, 10) == 0).expand(2, 2, 10, 10).clone()
+    per_head[:, 1, :, 0] = False
+    assert kernel_mask(per_head, True, 10, 10) is None
+    sliding = sdpa_mask(
+        batch_size=2,
+        q_length=10,
+        kv_length=10,
+        mask_function=sliding_window_causal_mask_function(3),
+        attention_mask=padding,
+        allow_is_causal_skip=False,
+        device=device,
+    )
+    assert kernel_mask(sliding, True, 10, 10) is None
+
+
+def test_4d_analysis_is_memoised_per_mask_tensor(device):
+    mask = _eager_style(PADDING.to(device), 10, 10)
+    first = kernel_mask(mask, True, 10, 10)
+    assert kernel_mask(mask, True, 10, 10) is first
+    mask[:, :, :, 5] = 0.5  # an in-place edit must be seen
+    assert kernel_mask(mask, True, 10, 10) is None
+
+
+# ---------------------------------------------------------------------------- fallbacks
+def _assert_one_warning(caught, reason):
+    messages = fallback_messages(caught)
+    assert len(messages) == 1 and support.FALLBACK_REASONS[reason] in messages[0], messages
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_fallback_output_attentions(family, device, fresh_warnings, kernel_calls):
+    model = MODELS[family](device)
+    ids, mask, _ = padded_batch(device)
+    ref = model(ids, attention_mask=mask, output_attentions=True)
+    model.set_attn_implementation(IMPL)
+    for _ in range(2):
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        assert_equal(out.logits, ref.logits)
+        assert len(out.attentions) == model.config.num_hidden_layers
+        for a, b in zip(out.attentions, ref.attentions, strict=True):
+            assert_equal(a, b)
+    assert not kernel_calls
+    _assert_one_warning(fresh_warnings, "output_attentions")
+
+
+def test_fallback_arbitrary_additive_mask(device, fresh_warnings, kernel_calls):
+    model = llama(device)
+    ids, mask, _ = padded_batch(device)
+    torch.manual_seed(3)
+    # Padding and causality, plus a real bias.
+    bias = _eager_style(mask.bool(), 8, 8) - torch.rand(8, 8, device=device)
+    ref = model(ids, attention_mask=bias).logits
+    model.set_attn_implementation(IMPL)
+    for _ in range(2):
+        assert_equal(model(ids, attention_mask=bias).logits, ref)
+    assert not kernel_calls
+    _assert_one_warning(fresh_warnings, "mask")
+
+
+def test_a_4d_padding_mask_from_the_user_runs_the_kernels(device, fresh_warnings, kernel_calls):
+    model = llama(device)
+    ids, mask, _ = padded_batch(device)
+    additive = _eager_style(mask.bool(), 8, 8)
+    ref = model(ids, attention_mask=additive).logits
+    model.set_attn_implementation(IMPL)
+    out = model(ids, attention_mask=additive).logits
+    assert len(kernel_calls) == model.config.num_hidden_layers
+    assert not fallback_messages(fresh_warnings)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], **TOL)
+
+
+def _large_heads(device, monkeypatch):
+    return llama(device, head_dim=264)
+
+
+def _float64(device, monkeypatch):
+    return llama(device).double()
+
+
+def _cpu_without_interpreter(device, monkeypatch):
+    if device != "cpu":
+        pytest.skip("the 'device' reason concerns CPU tensors; this machine runs models on a GPU")
+    monkeypatch.setattr(support, "INTERPRETING", False)
+    return llama(device)
+
+
+@pytest.mark.parametrize(
+    "reason, build",
+    [("head_size", _large_heads), ("dtype", _float64), ("device", _cpu_without_interpreter)],
+)
+def test_fallback_model_level(reason, build, device, monkeypatch, fresh_warnings, kernel_calls):
+    model = build(device, monkeypatch)
+    ids, mask, _ = padded_batch(device)
+    ref = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation(IMPL)
+    for _ in range(2):
+        assert_equal(model(ids, attention_mask=mask).logits, ref)
+    assert not kernel_calls
+    _assert_one_warning(fresh_warnings, reason)
+
+
+def test_fallback_sliding_window_narrower_than_the_keys(device, fresh_warnings, kernel_calls):
+    def mistral(window):
+        torch.manual_seed(0)
+        config = MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            sliding_window=window,
+            pad_token_id=0,
+        )
+        model = MistralForCausalLM(config).to(device).eval()
+        model.set_attn_implementation("eager")
+        return model
+
+    ids, mask, _ = padded_batch(device)
+    narrow = mistral(4)
+    ref = narrow(ids, attention_mask=mask).logits
+    narrow.set_attn_implementation(IMPL)
+    for _ in range(2):
+        assert_equal(narrow(ids, attention_mask=mask).logits, ref)
+    assert not kernel_calls
+    _assert_one_warning(fresh_warnings, "sliding_window")
+
+    wide = mistral(16)  # the window covers every key: the kernels are exact
+    ref = wide(ids, attention_mask=mask).logits
+    wide.set_attn_implementation(IMPL)
+    torch.testing.assert_close(
+        wide(ids, attention_mask=mask).logits[mask.bool()], ref[mask.bool()], **TOL
+    )
+    assert len(kernel_calls) == 2 and len(fallback_messages(fresh_warnings)) == 1
+
+
+@pytest.mark.parametrize(
+    "reason, kwargs",
+    [
+        ("softcap", {"softcap": 30.0}),
+        ("attention_sinks", {"s_aux": torch.zeros(4)}),
+        ("position_bias", {"position_bias": torch.zeros(1, 4, 5, 5)}),
+    ],
+)
+def test_fallback_call_level(reason, kwargs, device, fresh_warnings, kernel_calls):
+    """Arguments only some models pass: the model's own eager function gets them."""
+    module = llama(device).model.layers[0].self_attn
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 5, 16, device=device)
+    k, v = torch.randn(2, 2, 5, 16, device=device), torch.randn(2, 2, 5, 16, device=device)
+    causal = _eager_style(torch.ones(2, 5, dtype=torch.bool, device=device), 5, 5)
+    ref, _ = modeling_llama.eager_attention_forward(module, q, k, v, causal, scaling=0.25, **kwargs)
+    for _ in range(2):
+        out, _ = integration.attention_forward(module, q, k, v, None, scaling=0.25, **kwargs)
+        assert_equal(out, ref)
+    assert not kernel_calls
+    _assert_one_warning(fresh_warnings, reason)
