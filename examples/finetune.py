@@ -25,29 +25,54 @@ from pathlib import Path
 
 import runtime
 import torch
+from accelerate import PartialState
 
 # 2 layers, GQA (4 query heads on 2 K/V heads), head_dim 16: quick even in the interpreter
-TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2)
+TINY_LLAMA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="causal LM folder or hub id (default: a tiny random LLaMA on bytes)")
-    p.add_argument("--text", type=Path, help=f"UTF-8 text file (default: the first of "
-                   f"{', '.join(map(str, runtime.DEFAULT_TEXTS))})")
-    p.add_argument("--attn", default="eager,triton_attention",
-                   help="comma-separated attn_implementation names (eager, sdpa, triton_attention, ...)")
+    p.add_argument(
+        "--model", help="causal LM folder or hub id (default: a tiny random LLaMA on bytes)"
+    )
+    p.add_argument(
+        "--text",
+        type=Path,
+        help=f"UTF-8 text file (default: the first of "
+        f"{', '.join(map(str, runtime.DEFAULT_TEXTS))})",
+    )
+    p.add_argument(
+        "--attn",
+        default="eager,triton_attention",
+        help="comma-separated attn_implementation names (eager, sdpa, triton_attention, ...)",
+    )
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4, help="per device")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=PRECISIONS, default="auto",
-                   help="mixed precision (auto: bfloat16 on a CUDA GPU that has it, else float32)")
+    p.add_argument(
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="mixed precision (auto: bfloat16 on a CUDA GPU that has it, else float32)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--out-dir", type=Path, default=Path("out/finetune"), help="summary.json and loss.png go here")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("out/finetune"),
+        help="summary.json and loss.png go here",
+    )
     args = p.parse_args(argv)
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     return args
@@ -59,16 +84,22 @@ def build_dataset(text: str, encode, seq_len: int):
 
     paragraphs = [p + "\n\n" for p in text.split("\n\n") if p.strip()]
     ds = Dataset.from_dict({"text": paragraphs})
-    ds = ds.map(lambda b: {"input_ids": [encode(t) for t in b["text"]]}, batched=True, remove_columns=["text"])
+    ds = ds.map(
+        lambda b: {"input_ids": [encode(t) for t in b["text"]]},
+        batched=True,
+        remove_columns=["text"],
+    )
 
     def blocks(batch):
         ids = list(chain.from_iterable(batch["input_ids"]))
-        cut = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        cut = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
         return {"input_ids": cut, "labels": cut}
 
     ds = ds.map(blocks, batched=True, batch_size=None)  # one batch: no tail dropped per batch
     if len(ds) == 0:
-        raise SystemExit(f"the text gives fewer than {seq_len} tokens: lower --seq-len or give a longer --text")
+        raise SystemExit(
+            f"the text gives fewer than {seq_len} tokens: lower --seq-len or give a longer --text"
+        )
     return ds
 
 
@@ -86,8 +117,9 @@ def build_model(args, attn_implementation: str):
 
     if args.model:
         # float32 master weights; --dtype picks the autocast precision
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                    attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.float32, attn_implementation=attn_implementation
+        )
     config = LlamaConfig(**TINY_LLAMA, max_position_embeddings=max(args.seq_len, 128))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
@@ -125,14 +157,27 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
     set_seed(args.seed)  # same initial weights for every implementation
     model = build_model(args, name)
     training_args = TrainingArguments(
-        output_dir=str(args.out_dir / "trainer" / name), max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-        logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
-        use_cpu=not device.startswith("cuda"), bf16=dtype == "bfloat16", fp16=dtype == "float16",
+        output_dir=str(args.out_dir / "trainer" / name),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not device.startswith("cuda"),
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
     )
     timer = make_step_timer(device)
-    trainer = Trainer(model=model, args=training_args, train_dataset=ds, data_collator=default_data_collator,
-                      callbacks=[timer])
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=ds,
+        data_collator=default_data_collator,
+        callbacks=[timer],
+    )
     probe = {k: v.to(model.device) for k, v in default_data_collator([ds[0]]).items()}
     with torch.autocast(model.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
         path = runtime.attention_path(model, name, lambda: model(**probe))
@@ -140,11 +185,17 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
     trainer.train()
 
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    timed = timer.seconds[1:] or timer.seconds  # the first step warms up (Triton compiles on the GPU)
+    # the first step warms up (Triton compiles on the GPU)
+    timed = timer.seconds[1:] or timer.seconds
     tokens_per_step = args.batch_size * args.seq_len * training_args.world_size
-    return {"attn_implementation": name, "path": path, "final_loss": losses[-1][1],
-            "tokens_per_s": tokens_per_step * len(timed) / sum(timed), "peak_mib": memory.read_mib(),
-            "losses": losses, "is_main_process": trainer.is_world_process_zero()}
+    return {
+        "attn_implementation": name,
+        "path": path,
+        "final_loss": losses[-1][1],
+        "tokens_per_s": tokens_per_step * len(timed) / sum(timed),
+        "peak_mib": memory.read_mib(),
+        "losses": losses,
+    }
 
 
 def plot(runs: list[dict], title: str, path: Path) -> None:
@@ -155,9 +206,14 @@ def plot(runs: list[dict], title: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     # distinct dashes: identical curves stay visible on top of each other
-    for run, style in zip(runs, ("-", "--", ":", "-.")):
-        steps, losses = zip(*run["losses"])
-        ax.plot(steps, losses, style, label=f"{run['attn_implementation']} ({run['path']})")
+    for i, run in enumerate(runs):
+        steps, losses = zip(*run["losses"], strict=True)
+        ax.plot(
+            steps,
+            losses,
+            ("-", "--", ":", "-.")[i % 4],
+            label=f"{run['attn_implementation']}: {run['path']}",
+        )
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.legend()
     fig.tight_layout()
@@ -173,33 +229,62 @@ def main(argv=None) -> dict:
     text_path = args.text or runtime.default_text()
     ds = build_dataset(text_path.read_text(encoding="utf-8"), encoder(args.model), args.seq_len)
     model_name = args.model or "tiny random LLaMA (bytes)"
-    print(f"{model_name}: {len(ds)} blocks of {args.seq_len} tokens from {text_path}, "
-          f"batch {args.batch_size}, {args.max_steps} steps, {dtype}, {device}")
+    print(
+        f"{model_name}: {len(ds)} blocks of {args.seq_len} tokens from {text_path}, "
+        f"batch {args.batch_size}, {args.max_steps} steps, {dtype}, {device}"
+    )
 
     memory = runtime.PeakMemory(device)
     runs = [train(args, ds, name, dtype, device, memory) for name in args.attn]
-    if not runs[0].pop("is_main_process"):
+    if not PartialState().is_main_process:  # under accelerate launch, one process reports
         return {}
     reference = dict(runs[0]["losses"])
     for run in runs:
-        run.pop("is_main_process", None)
-        run["max_loss_diff_vs_first"] = max(abs(loss - reference[step]) for step, loss in run["losses"])
+        diffs = (abs(loss - reference[step]) for step, loss in run["losses"])
+        run["max_loss_diff_vs_first"] = max(diffs)
 
     runtime.print_table(
-        ("attn_implementation", "path", "final loss", f"max |Δloss| vs {runs[0]['attn_implementation']}",
-         "tokens/s", "peak MiB"),
-        [(r["attn_implementation"], r["path"], f"{r['final_loss']:.4f}", f"{r['max_loss_diff_vs_first']:.2e}",
-          f"{r['tokens_per_s']:.1f}", f"{r['peak_mib']:.0f}") for r in runs],
+        (
+            "attn_implementation",
+            "path",
+            "final loss",
+            f"max |Δloss| vs {runs[0]['attn_implementation']}",
+            "tokens/s",
+            "peak MiB",
+        ),
+        [
+            (
+                r["attn_implementation"],
+                r["path"],
+                f"{r['final_loss']:.4f}",
+                f"{r['max_loss_diff_vs_first']:.2e}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['peak_mib']:.0f}",
+            )
+            for r in runs
+        ],
     )
-    print(f"tokens/s: training tokens per second over the steps after the first; peak MiB: {memory.measures}")
+    print(f"tokens/s: training tokens per second after the first step; peak MiB: {memory.measures}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"model": model_name, "text": str(text_path), "seq_len": args.seq_len,
-               "batch_size": args.batch_size, "max_steps": args.max_steps, "lr": args.lr, "dtype": dtype,
-               "device": device, "triton_interpreter": runtime.is_interpreting(),
-               "peak_memory_measures": memory.measures, "runs": runs}
+    summary = {
+        "model": model_name,
+        "text": str(text_path),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "max_steps": args.max_steps,
+        "lr": args.lr,
+        "dtype": dtype,
+        "device": device,
+        "triton_interpreter": runtime.is_interpreting(),
+        "peak_memory_measures": memory.measures,
+        "runs": runs,
+    }
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(runs, f"{model_name}, {args.batch_size} x {args.seq_len} tokens per device step",
-         args.out_dir / "loss.png")
+    plot(
+        runs,
+        f"{model_name}, {args.batch_size} x {args.seq_len} tokens per device step",
+        args.out_dir / "loss.png",
+    )
     print(f"wrote {args.out_dir / 'summary.json'} and {args.out_dir / 'loss.png'}")
     return summary
 

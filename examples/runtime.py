@@ -30,7 +30,9 @@ def default_text() -> Path:
     for path in DEFAULT_TEXTS:
         if path.is_file():
             return path
-    raise SystemExit(f"none of the default texts exists ({', '.join(map(str, DEFAULT_TEXTS))}): pass --text FILE")
+    raise SystemExit(
+        f"none of the default texts exists ({', '.join(map(str, DEFAULT_TEXTS))}): pass --text FILE"
+    )
 
 
 def pick_device(requested: str | None) -> str:
@@ -45,19 +47,26 @@ def import_hf_flashattn(device: str):
     The kernels are Triton: on a CUDA device they compile; anywhere else they can only run
     through Triton's interpreter, which must be switched on before hf_flashattn is imported.
     """
-    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        if "hf_flashattn" in sys.modules:
-            raise RuntimeError("hf_flashattn was imported before TRITON_INTERPRET=1 could be set")
-        os.environ["TRITON_INTERPRET"] = "1"
-        print(f"device {device}, no CUDA: TRITON_INTERPRET=1 set, the Triton kernels run in the "
-              "interpreter (slow; for checking results, not speed)")
+    if not device.startswith("cuda"):
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            if "hf_flashattn" in sys.modules:
+                raise RuntimeError(
+                    "hf_flashattn was imported before TRITON_INTERPRET=1 could be set"
+                )
+            os.environ["TRITON_INTERPRET"] = "1"
+        print(
+            f"device {device}, not CUDA: TRITON_INTERPRET=1, the Triton kernels run in the "
+            "interpreter (slow; for checking results, not speed)"
+        )
     import hf_flashattn
 
     return hf_flashattn
 
 
 def is_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    from hf_flashattn.kernels import INTERPRETING
+
+    return INTERPRETING
 
 
 class KernelCalls(TorchDispatchMode):
@@ -77,7 +86,8 @@ def attention_path(model, attn_implementation: str, forward) -> str:
     """Run ``forward()`` once (a warm-up) and say which attention code it ran.
 
     For ``triton_attention`` the kernel calls are counted against the model's attention layers:
-    fewer calls than layers means hf_flashattn fell back to eager attention (it logs why).
+    fewer calls than layers means hf_flashattn fell back to eager attention (an
+    EagerFallbackWarning says why).
     """
     if attn_implementation != "triton_attention":
         with torch.no_grad():
@@ -140,9 +150,9 @@ def _reset_peak_rss() -> bool:
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(c) for c in column) for column in zip(header, *rows)]
+    widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
     for row in (header, tuple("-" * w for w in widths), *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def synchronize(device: str) -> None:

