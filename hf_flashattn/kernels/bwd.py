@@ -38,9 +38,10 @@ def attn_bwd_preprocess_kernel(
 def _recompute_p(
     q, k, lse2, offs_m, cols, kpm_ptr, seqlen_k, causal_offset, qk_scale,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # P = exp2(S * scale * log2e - lse * log2e); masked entries are exactly 0
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if MASKED:
         valid = cols[None, :] < seqlen_k
@@ -71,7 +72,7 @@ def _attn_bwd_dkdv_inner(
     seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
     # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64).
@@ -92,7 +93,7 @@ def _attn_bwd_dkdv_inner(
         lse2 = _load_lse2(LSE, offs_m, seqlen_q)
         delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
         # P^T = exp2(K Q^T * scale * log2e - lse * log2e); masked entries are exactly 0
-        p_t = tl.math.exp2(tl.dot(k, q_t) * qk_scale - lse2[None, :])
+        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
         if MASKED:
             valid = cols[:, None] < seqlen_k
             if IS_CAUSAL:
@@ -100,16 +101,16 @@ def _attn_bwd_dkdv_inner(
             p_t = tl.where(valid, p_t, 0.0)
         if HAS_KPM:
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do))
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :] * seqlen_k + cols[:, None], dropout_p)
             p_drop_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
             p_drop_t = p_t
-        dv = tl.dot(p_drop_t.to(do.dtype), do, dv)
+        dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -128,7 +129,7 @@ def attn_bwd_dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
@@ -174,7 +175,7 @@ def attn_bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
                 lo, seqlen_q, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
                 seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
             )
         else:
             # diagonal band (masked), then the rows below it that see the whole block
@@ -182,20 +183,20 @@ def attn_bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
                 lo, lo_full, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
                 seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
             )
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
                 lo_full, hi_full, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
                 seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+                HEAD_DIM, BLOCK_M, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
             )
             # ragged last query block
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
                 tl.maximum(hi_full, lo_full), seqlen_q, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
                 seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
             )
 
     dk = dk * sm_scale
@@ -214,7 +215,7 @@ def _attn_bwd_dq_inner(
     seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -230,13 +231,13 @@ def _attn_bwd_dq_inner(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         p = _recompute_p(q, k, lse2, offs_m, cols, kpm_ptr, seqlen_k, causal_offset, qk_scale,
-                         MASKED, IS_CAUSAL, HAS_KPM)
-        dp = tl.dot(do, tl.trans(v))
+                         MASKED, IS_CAUSAL, HAS_KPM, DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -254,7 +255,7 @@ def attn_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -296,12 +297,12 @@ def attn_bwd_dq_kernel(
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, kpm_ptr, 0, hi_full, offs_m, offs_d,
         stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, kpm_ptr, hi_full, hi, offs_m, offs_d,
         stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
     )
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd

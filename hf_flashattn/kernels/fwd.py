@@ -31,7 +31,7 @@ def _attn_fwd_inner(
     offs_m, offs_n, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -43,7 +43,7 @@ def _attn_fwd_inner(
             k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         # -- mask: sequence end and causal diagonal only in the MASKED stage
         if MASKED:
             valid = cols[None, :] < seqlen_k
@@ -69,7 +69,7 @@ def _attn_fwd_inner(
             v = tl.load(v_ptrs + start_n * stride_vn, mask=d_mask[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -87,7 +87,7 @@ def attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -135,14 +135,14 @@ def attn_fwd_kernel(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, start_m, 0, hi_full,
         seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
         stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
     )
     # stage 2: the causal diagonal band and the ragged end of the keys
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, start_m, hi_full, hi,
         seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
         stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
     )
 
     # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
