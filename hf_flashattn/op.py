@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .kernels import INTERPRETING
 from .kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
-from .kernels.configs import block_d, bwd_dkdv_config, bwd_dq_config, fwd_config
+from .kernels.configs import KernelConfig, block_d, bwd_dkdv_config, bwd_dq_config, fwd_config
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,11 +29,32 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETING and dtype == torch.bfloat16
 
 
-def _launch_options(cfg, dtype: torch.dtype) -> dict:
+# Per kernel and specialisation: the first config that fit this GPU's shared memory.
+_FITTING_CONFIG: dict[tuple, KernelConfig] = {}
+
+
+def _launch(kernel, grid, cfg: KernelConfig, dtype: torch.dtype, args: tuple, meta: dict) -> None:
+    """Launch ``kernel`` over ``grid(cfg)``, stepping down to smaller configs while the GPU
+    lacks the shared memory for one (Triton raises before anything runs), and remembering
+    the config that fit so the step-down happens once per process."""
+    key = (kernel, dtype, tuple(sorted(meta.items())))
+    cfg = _FITTING_CONFIG.get(key, cfg)
     # fp32 callers asked for fp32 results: plain tf32 dots err ~1e-3, so fp32 inputs take IEEE
     # fp32 dots (slower; the 16-bit paths are the fast ones). 16-bit operands ignore this.
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, DOT_PRECISION=precision)
+    while True:
+        try:
+            kernel[grid(cfg)](
+                *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+            )
+        except OutOfResources:
+            cfg = cfg.smaller()
+            if cfg is None:
+                raise
+            continue
+        _FITTING_CONFIG[key] = cfg
+        return
 
 
 # ---------------------------------------------------------------------------- forward
@@ -53,19 +75,24 @@ def _fwd(
     # transformers hook transposes it back to (batch, seq, heads, dim) without a copy.
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    cfg = fwd_config(head_dim, INTERPRETING)
     kpm = key_padding_mask if key_padding_mask is not None else q  # dummy pointer, never read
-    grid = (triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q)
-    attn_fwd_kernel[grid](
-        q, k, v, out, lse, kpm,
-        scale * _LOG2E, dropout_p, seed,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        kpm.stride(0) if key_padding_mask is not None else 0,
-        heads_q, seqlen_q, seqlen_k,
-        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        UPCAST=_upcast(q.dtype), **_launch_options(cfg, q.dtype),
+    _launch(
+        attn_fwd_kernel,
+        lambda cfg: (triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q),
+        fwd_config(head_dim, INTERPRETING),
+        q.dtype,
+        (
+            q, k, v, out, lse, kpm,
+            scale * _LOG2E, dropout_p, seed,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            kpm.stride(0) if key_padding_mask is not None else 0,
+            heads_q, seqlen_q, seqlen_k,
+        ),
+        dict(
+            GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+            IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+            UPCAST=_upcast(q.dtype),
+        ),
     )
     return out, lse
 
@@ -114,21 +141,31 @@ def _bwd(
         GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=bd,
         IS_CAUSAL=causal, HAS_KPM=has_kpm, HAS_DROPOUT=dropout_p > 0.0, UPCAST=_upcast(q.dtype),
     )
-    cfg = bwd_dkdv_config(head_dim, INTERPRETING)
-    attn_bwd_dkdv_kernel[(triton_cdiv(seqlen_k, cfg.block_n), batch * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, kpm,
-        scale * _LOG2E, scale, dropout_p, seed,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        kpm_stride, heads_q, heads_kv, seqlen_q, seqlen_k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_launch_options(cfg, q.dtype), **common,
+    _launch(
+        attn_bwd_dkdv_kernel,
+        lambda cfg: (triton_cdiv(seqlen_k, cfg.block_n), batch * heads_kv),
+        bwd_dkdv_config(head_dim, INTERPRETING),
+        q.dtype,
+        (
+            q, k, v, dout, lse, delta, dk, dv, kpm,
+            scale * _LOG2E, scale, dropout_p, seed,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            kpm_stride, heads_q, heads_kv, seqlen_q, seqlen_k,
+        ),
+        common,
     )
-    cfg = bwd_dq_config(head_dim, INTERPRETING)
-    attn_bwd_dq_kernel[(triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q)](
-        q, k, v, dout, lse, delta, dq, kpm,
-        scale * _LOG2E, scale, dropout_p, seed,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        kpm_stride, heads_q, seqlen_q, seqlen_k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **_launch_options(cfg, q.dtype), **common,
+    _launch(
+        attn_bwd_dq_kernel,
+        lambda cfg: (triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q),
+        bwd_dq_config(head_dim, INTERPRETING),
+        q.dtype,
+        (
+            q, k, v, dout, lse, delta, dq, kpm,
+            scale * _LOG2E, scale, dropout_p, seed,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            kpm_stride, heads_q, seqlen_q, seqlen_k,
+        ),
+        common,
     )
     return dq, dk, dv
 

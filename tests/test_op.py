@@ -233,3 +233,43 @@ def test_gpu_odd_head_dims(device, head_dim, dtype):
 def test_gpu_long_sequence_bf16(device, causal):
     q, k, v = _inputs(device, torch.bfloat16, 1, 4, 2, 16384, 16384, 128)
     _check(device, torch.bfloat16, q, k, v, causal=causal)
+
+
+# ------------------------------------------------------------------------------- launching
+def test_config_steps_down_when_shared_memory_runs_out():
+    """A GPU with less shared memory than the H100 the tables were tuned on gets the next
+    smaller config (fewer stages, then smaller blocks), found once and then remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    from hf_flashattn import op
+    from hf_flashattn.kernels.configs import KernelConfig
+
+    attempts, launched = [], []
+
+    class KernelNeedingSmallTiles:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_M, BLOCK_N, num_stages, **meta):
+                attempts.append((BLOCK_N, num_stages))
+                if BLOCK_N * num_stages > 32:  # stands in for the shared memory a config needs
+                    raise OutOfResources(BLOCK_N * num_stages, 32, "shared memory")
+                launched.append((grid, BLOCK_M, BLOCK_N, num_stages))
+
+            return launch
+
+    kernel = KernelNeedingSmallTiles()
+    cfg = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    op._launch(kernel, lambda c: (c.block_n,), cfg, torch.float16, (), {"HEAD_DIM": 64})
+    assert attempts == [(64, 3), (64, 2), (64, 1), (32, 1)]
+    assert launched == [((32,), 128, 32, 1)]
+    op._launch(kernel, lambda c: (c.block_n,), cfg, torch.float16, (), {"HEAD_DIM": 64})
+    assert attempts[4:] == [(32, 1)], "the config that fit is remembered"
+
+    class KernelThatNeverFits:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise OutOfResources(1 << 20, 32, "shared memory")
+
+            return launch
+
+    with pytest.raises(OutOfResources):
+        op._launch(KernelThatNeverFits(), lambda c: (1,), cfg, torch.float16, (), {})

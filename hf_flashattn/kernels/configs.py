@@ -5,7 +5,7 @@ Triton's interpreter each program costs ~15 ms of Python whatever its size, so l
 keep the CPU test suite fast there.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 
@@ -16,6 +16,18 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+
+    def smaller(self) -> "KernelConfig | None":
+        """The next config down in shared memory: fewer pipeline stages, then smaller blocks.
+        The tables are tuned on an H100 (228 KB per SM); other parts, and fp32 inputs (twice
+        the bytes), may need less. None when nothing smaller is left."""
+        if self.num_stages > 1:
+            return replace(self, num_stages=self.num_stages - 1)
+        if self.block_n > 16:
+            return replace(self, block_n=self.block_n // 2)
+        if self.block_m > 16:
+            return replace(self, block_m=self.block_m // 2)
+        return None
 
 
 def block_d(head_dim: int) -> int:
