@@ -45,8 +45,13 @@ def _launch(kernel, grid, cfg: KernelConfig, dtype: torch.dtype, args: tuple, me
     while True:
         try:
             kernel[grid(cfg)](
-                *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+                *args,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                DOT_PRECISION=precision,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                **meta,
             )
         except OutOfResources:
             cfg = cfg.smaller()
@@ -73,7 +78,9 @@ def _fwd(
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     # (batch, seq, heads, dim) in memory, returned as a (batch, heads, seq, dim) view: the
     # transformers hook transposes it back to (batch, seq, heads, dim) without a copy.
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = torch.empty(
+        (batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device
+    ).transpose(1, 2)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     kpm = key_padding_mask if key_padding_mask is not None else q  # dummy pointer, never read
     _launch(
@@ -82,15 +89,31 @@ def _fwd(
         fwd_config(head_dim, INTERPRETING),
         q.dtype,
         (
-            q, k, v, out, lse, kpm,
-            scale * _LOG2E, dropout_p, seed,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            kpm,
+            scale * _LOG2E,
+            dropout_p,
+            seed,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
             kpm.stride(0) if key_padding_mask is not None else 0,
-            heads_q, seqlen_q, seqlen_k,
+            heads_q,
+            seqlen_q,
+            seqlen_k,
         ),
         dict(
-            GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-            IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+            GROUP=heads_q // heads_kv,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d(head_dim),
+            IS_CAUSAL=causal,
+            HAS_KPM=key_padding_mask is not None,
+            HAS_DROPOUT=dropout_p > 0.0,
             UPCAST=_upcast(q.dtype),
         ),
     )
@@ -131,15 +154,28 @@ def _bwd(
     bd = block_d(head_dim)
     pre_block = 64 if INTERPRETING else 128
     attn_bwd_preprocess_kernel[(triton_cdiv(seqlen_q, pre_block), batch * heads_q)](
-        out, dout, delta, *out.stride(), *dout.stride(), heads_q, seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=pre_block,
+        out,
+        dout,
+        delta,
+        *out.stride(),
+        *dout.stride(),
+        heads_q,
+        seqlen_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=bd,
+        BLOCK_M=pre_block,
     )
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q
     kpm_stride = kpm.stride(0) if has_kpm else 0
     common = dict(
-        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=bd,
-        IS_CAUSAL=causal, HAS_KPM=has_kpm, HAS_DROPOUT=dropout_p > 0.0, UPCAST=_upcast(q.dtype),
+        GROUP=heads_q // heads_kv,
+        HEAD_DIM=head_dim,
+        BLOCK_D=bd,
+        IS_CAUSAL=causal,
+        HAS_KPM=has_kpm,
+        HAS_DROPOUT=dropout_p > 0.0,
+        UPCAST=_upcast(q.dtype),
     )
     _launch(
         attn_bwd_dkdv_kernel,
@@ -147,10 +183,30 @@ def _bwd(
         bwd_dkdv_config(head_dim, INTERPRETING),
         q.dtype,
         (
-            q, k, v, dout, lse, delta, dk, dv, kpm,
-            scale * _LOG2E, scale, dropout_p, seed,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            kpm_stride, heads_q, heads_kv, seqlen_q, seqlen_k,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            kpm,
+            scale * _LOG2E,
+            scale,
+            dropout_p,
+            seed,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *dout.stride(),
+            *dk.stride(),
+            *dv.stride(),
+            kpm_stride,
+            heads_q,
+            heads_kv,
+            seqlen_q,
+            seqlen_k,
         ),
         common,
     )
@@ -160,10 +216,27 @@ def _bwd(
         bwd_dq_config(head_dim, INTERPRETING),
         q.dtype,
         (
-            q, k, v, dout, lse, delta, dq, kpm,
-            scale * _LOG2E, scale, dropout_p, seed,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            kpm_stride, heads_q, seqlen_q, seqlen_k,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            kpm,
+            scale * _LOG2E,
+            scale,
+            dropout_p,
+            seed,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *dout.stride(),
+            *dq.stride(),
+            kpm_stride,
+            heads_q,
+            seqlen_q,
+            seqlen_k,
         ),
         common,
     )
@@ -184,7 +257,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
+    dq, dk, dv = _bwd(
+        dout, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed
+    )
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -201,16 +276,22 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}"
+        )
     batch, heads_q, _, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}"
+        )
     if k.shape[0] != batch:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {batch}")
     if k.shape[3] != head_dim:
@@ -229,16 +310,22 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale) -> None:
         )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+            raise TypeError(
+                f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}"
+            )
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
+            raise TypeError(
+                f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}"
+            )
         if tuple(key_padding_mask.shape) != (batch, k.shape[2]):
             raise ValueError(
                 f"key_padding_mask must have shape (batch, seq_k) = {(batch, k.shape[2])}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+            raise ValueError(
+                f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}"
+            )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
@@ -314,7 +401,9 @@ def flash_attn(
     return (out, lse) if return_lse else out
 
 
-def dropout_keep_mask(seed: int, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, dropout_p: float, device) -> torch.Tensor:
+def dropout_keep_mask(
+    seed: int, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, dropout_p: float, device
+) -> torch.Tensor:
     """Test-only hook: the (batch, heads_q, seqlen_q, seqlen_k) bool keep-mask the kernels
     draw for ``seed``. Materialises N x N: for checking dropout, never for the hot path."""
     mask = torch.empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.int8, device=device)

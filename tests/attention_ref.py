@@ -9,8 +9,18 @@ key give zeros. Run on upcast inputs it is the reference; run in the inputs' own
 import torch
 
 
-def attention_ref(q, k, v, *, causal=False, scale=None, key_padding_mask=None, dropout_keep=None,
-                  dropout_p=0.0, upcast=True):
+def attention_ref(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    scale=None,
+    key_padding_mask=None,
+    dropout_keep=None,
+    dropout_p=0.0,
+    upcast=True,
+):
     """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None."""
     dtype_out = q.dtype
     if upcast:

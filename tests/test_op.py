@@ -16,11 +16,12 @@ from hf_flashattn.op import _new_seed, dropout_keep_mask
 FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float32: 1e-5}
 
 
-def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim,
-            layout="bhsd"):
+def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, layout="bhsd"):
     def make(heads, seqlen):
         if layout == "bshd":  # what transformers' projections give, transposed: a strided view
-            return torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+            return torch.randn(
+                batch, seqlen, heads, head_dim, device=device, dtype=dtype
+            ).transpose(1, 2)
         if layout == "sliced":  # last dim dense, head/seq strides with gaps
             full = torch.randn(batch, heads * 2, seqlen, head_dim + 8, device=device, dtype=dtype)
             return full[:, ::2, :, :head_dim]
@@ -32,8 +33,9 @@ def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_di
 
 def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None):
     """Forward, LSE and all three gradients of flash_attn against the reference."""
-    out, lse = flash_attn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                          return_lse=True)
+    out, lse = flash_attn(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_lse=True
+    )
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
 
@@ -50,7 +52,8 @@ def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)), "lse: -inf rows differ"
     finite = torch.isfinite(lse_ref)
     assert max_err(lse[finite], lse_ref[finite]) <= 1e-4 * (1 + lse_ref[finite].abs().max().item())
-    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, lowp_grads):
+    grads = zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, lowp_grads, strict=True)
+    for name, ours, r, lp in grads:
         scale_g = max(1.0, r.abs().max().item())
         assert_close_to_ref(name, ours, r, lp, floor * 10 * scale_g)
 
@@ -63,8 +66,10 @@ def test_dtype_head_dim(device, dtype, head_dim, causal):
     _check(device, dtype, q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (17, 17), (128, 128), (257, 257),
-                                               (1, 257), (17, 128), (257, 17), (128, 1)])
+@pytest.mark.parametrize(
+    "seqlen_q,seqlen_k",
+    [(1, 1), (17, 17), (128, 128), (257, 257), (1, 257), (17, 128), (257, 17), (128, 1)],
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_seq_lengths(device, seqlen_q, seqlen_k, causal):
     q, k, v = _inputs(device, torch.float16, 2, 2, 1, seqlen_q, seqlen_k, 64)
@@ -115,8 +120,10 @@ def test_every_output_written(device):
 def test_gradients_deterministic(device):
     q, k, v = _inputs(device, torch.float16, 2, 4, 2, 100, 100, 64)
     dout = torch.randn(q.shape, device=device, dtype=q.dtype)
-    grads = [torch.autograd.grad(flash_attn(q, k, v, causal=True), (q, k, v), dout) for _ in range(2)]
-    for a, b in zip(*grads):
+    grads = [
+        torch.autograd.grad(flash_attn(q, k, v, causal=True), (q, k, v), dout) for _ in range(2)
+    ]
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
 
@@ -169,7 +176,7 @@ def test_dropout_gradients_match_reference_with_kernel_mask(device, causal):
     lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
     lowp_grads = torch.autograd.grad(lowp, (q, k, v), dout)
     assert_close_to_ref("out", out, ref, lowp, 1e-4)
-    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads):
+    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
         assert_close_to_ref(name, g, r, lp, 1e-3 * max(1.0, r.abs().max().item()))
 
 
@@ -180,18 +187,21 @@ def _good(device):
     return q, k, k.clone()
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("3d", ValueError, "q must be 4-D"),
-    ("head_dim", ValueError, "head_dim"),
-    ("batch", ValueError, "batch"),
-    ("dtype", TypeError, "dtype"),
-    ("int", TypeError, "dtype"),
-    ("heads", ValueError, "multiple"),
-    ("mask_shape", ValueError, "key_padding_mask"),
-    ("mask_dtype", TypeError, "key_padding_mask"),
-    ("dropout", ValueError, "dropout_p"),
-    ("big_head_dim", ValueError, "head_dim"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("3d", ValueError, "q must be 4-D"),
+        ("head_dim", ValueError, "head_dim"),
+        ("batch", ValueError, "batch"),
+        ("dtype", TypeError, "dtype"),
+        ("int", TypeError, "dtype"),
+        ("heads", ValueError, "multiple"),
+        ("mask_shape", ValueError, "key_padding_mask"),
+        ("mask_dtype", TypeError, "key_padding_mask"),
+        ("dropout", ValueError, "dropout_p"),
+        ("big_head_dim", ValueError, "head_dim"),
+    ],
+)
 def test_bad_input(device, case, exc, match):
     q, k, v = _good(device)
     kw = {}

@@ -15,11 +15,22 @@ from .fwd import _dropout_keep
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    O, DO, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    num_heads, seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    num_heads,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i): the softmax-backward correction term
     bh = tl.program_id(1)
@@ -28,16 +39,42 @@ def attn_bwd_preprocess_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    o = tl.load(
+        Out
+        + b.to(tl.int64) * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO
+        + b.to(tl.int64) * stride_dob
+        + h * stride_doh
+        + offs_m[:, None] * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def _recompute_p(
-    q, k, lse2, offs_m, cols, kpm_ptr, seqlen_k, causal_offset, qk_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    q,
+    k,
+    lse2,
+    offs_m,
+    cols,
+    kpm_ptr,
+    seqlen_k,
+    causal_offset,
+    qk_scale,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # P = exp2(S * scale * log2e - lse * log2e); masked entries are exactly 0
@@ -65,14 +102,40 @@ def _load_lse2(LSE, offs_m, seqlen_q):
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v,
-    Q, DO, LSE, Delta, kpm_ptr,
-    lo, hi, start_n, offs_n, offs_d,
-    stride_qm, stride_qd, stride_dom, stride_dod,
-    seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    Delta,
+    kpm_ptr,
+    lo,
+    hi,
+    start_n,
+    offs_n,
+    offs_d,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    qk_scale,
+    dropout_p,
+    seed,
+    bh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
     # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64).
@@ -83,10 +146,16 @@ def _attn_bwd_dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                      mask=(offs_m[None, :] < seqlen_q) & d_mask[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :], other=0.0)
+        q_t = tl.load(
+            Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            mask=(offs_m[None, :] < seqlen_q) & d_mask[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :],
+            other=0.0,
+        )
         if UPCAST:
             q_t = q_t.to(tl.float32)
             do = do.to(tl.float32)
@@ -116,20 +185,58 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, KPM,
-    qk_scale, sm_scale, dropout_p, seed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DK,
+    DV,
+    KPM,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
     stride_kpm_b,
-    num_heads_q, num_heads_kv, seqlen_q, seqlen_k,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_heads_q,
+    num_heads_kv,
+    seqlen_q,
+    seqlen_k,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
@@ -140,8 +247,24 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(
+        K
+        + b64 * stride_kb
+        + h_kv * stride_kh
+        + offs_n[:, None] * stride_kn
+        + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V
+        + b64 * stride_vb
+        + h_kv * stride_vh
+        + offs_n[:, None] * stride_vn
+        + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -154,7 +277,9 @@ def attn_bwd_dkdv_kernel(
         # rows that see some / all of this key block: j <= i + causal_offset
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
         lo_full = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
-        lo_full = tl.minimum((lo_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q // BLOCK_M * BLOCK_M)
+        lo_full = tl.minimum(
+            (lo_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q // BLOCK_M * BLOCK_M
+        )
         lo_full = tl.maximum(lo_full, lo)
     else:
         lo = 0
@@ -172,50 +297,205 @@ def attn_bwd_dkdv_kernel(
         delta_base = Delta + bh.to(tl.int64) * seqlen_q
         if ragged_k:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
-                lo, seqlen_q, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                lo,
+                seqlen_q,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                True,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
             )
         else:
             # diagonal band (masked), then the rows below it that see the whole block
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
-                lo, lo_full, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                lo,
+                lo_full,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                True,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
             )
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
-                lo_full, hi_full, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                lo_full,
+                hi_full,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                False,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
             )
             # ragged last query block
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_ptr,
-                tl.maximum(hi_full, lo_full), seqlen_q, start_n, tl.arange(0, BLOCK_N), offs_d, stride_qm, stride_qd, stride_dom, stride_dod,
-                seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                tl.maximum(hi_full, lo_full),
+                seqlen_q,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                True,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
             )
 
     dk = dk * sm_scale
-    dk_ptrs = DK + b64 * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b64 * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = (
+        DK
+        + b64 * stride_dkb
+        + h_kv * stride_dkh
+        + offs_n[:, None] * stride_dkn
+        + offs_d[None, :] * stride_dkd
+    )
+    dv_ptrs = (
+        DV
+        + b64 * stride_dvb
+        + h_kv * stride_dvh
+        + offs_n[:, None] * stride_dvn
+        + offs_d[None, :] * stride_dvd
+    )
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta,
-    K, V, kpm_ptr,
-    lo, hi, offs_m, offs_d,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K,
+    V,
+    kpm_ptr,
+    lo,
+    hi,
+    offs_m,
+    offs_d,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    seqlen_k,
+    causal_offset,
+    qk_scale,
+    dropout_p,
+    seed,
+    bh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -225,13 +505,30 @@ def _attn_bwd_dq_inner(
             kv_mask = (cols[:, None] < seqlen_k) & d_mask[None, :]
         else:
             kv_mask = d_mask[None, :]
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(
+            K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0
+        )
+        v = tl.load(
+            V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        p = _recompute_p(q, k, lse2, offs_m, cols, kpm_ptr, seqlen_k, causal_offset, qk_scale,
-                         MASKED, IS_CAUSAL, HAS_KPM, DOT_PRECISION)
+        p = _recompute_p(
+            q,
+            k,
+            lse2,
+            offs_m,
+            cols,
+            kpm_ptr,
+            seqlen_k,
+            causal_offset,
+            qk_scale,
+            MASKED,
+            IS_CAUSAL,
+            HAS_KPM,
+            DOT_PRECISION,
+        )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
@@ -243,19 +540,52 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, KPM,
-    qk_scale, sm_scale, dropout_p, seed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    KPM,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
     stride_kpm_b,
-    num_heads_q, seqlen_q, seqlen_k,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_heads_q,
+    seqlen_q,
+    seqlen_k,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -271,8 +601,24 @@ def attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    q = tl.load(
+        Q
+        + b64 * stride_qb
+        + h * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO
+        + b64 * stride_dob
+        + h * stride_doh
+        + offs_m[:, None] * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -295,15 +641,77 @@ def attn_bwd_dq_kernel(
     hi = tl.maximum(hi, 0)
 
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, kpm_ptr, 0, hi_full, offs_m, offs_d,
-        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        kpm_ptr,
+        0,
+        hi_full,
+        offs_m,
+        offs_d,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        seqlen_k,
+        causal_offset,
+        qk_scale,
+        dropout_p,
+        seed,
+        bh,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+        False,
+        IS_CAUSAL,
+        HAS_KPM,
+        HAS_DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, kpm_ptr, hi_full, hi, offs_m, offs_d,
-        stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        kpm_ptr,
+        hi_full,
+        hi,
+        offs_m,
+        offs_d,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        seqlen_k,
+        causal_offset,
+        qk_scale,
+        dropout_p,
+        seed,
+        bh,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+        True,
+        IS_CAUSAL,
+        HAS_KPM,
+        HAS_DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
     )
     dq = dq * sm_scale
-    dq_ptrs = DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_ptrs = (
+        DQ
+        + b64 * stride_dqb
+        + h * stride_dqh
+        + offs_m[:, None] * stride_dqm
+        + offs_d[None, :] * stride_dqd
+    )
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

@@ -22,23 +22,48 @@ def _dropout_keep(seed, bh, offsets, dropout_p):
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q,
-    k_ptrs, v_ptrs, kpm_ptr,
-    start_m, lo, hi,
-    seqlen_q, seqlen_k, causal_offset,
-    qk_scale, dropout_p, seed, bh,
-    stride_kn, stride_vn,
-    offs_m, offs_n, offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    kpm_ptr,
+    start_m,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    qk_scale,
+    dropout_p,
+    seed,
+    bh,
+    stride_kn,
+    stride_vn,
+    offs_m,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if MASKED:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols[:, None] < seqlen_k) & d_mask[None, :], other=0.0)
+            k = tl.load(
+                k_ptrs + start_n * stride_kn,
+                mask=(cols[:, None] < seqlen_k) & d_mask[None, :],
+                other=0.0,
+            )
         else:
             k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[None, :], other=0.0)
         if UPCAST:
@@ -64,7 +89,11 @@ def _attn_fwd_inner(
             keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if MASKED:
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seqlen_k) & d_mask[None, :], other=0.0)
+            v = tl.load(
+                v_ptrs + start_n * stride_vn,
+                mask=(cols[:, None] < seqlen_k) & d_mask[None, :],
+                other=0.0,
+            )
         else:
             v = tl.load(v_ptrs + start_n * stride_vn, mask=d_mask[None, :], other=0.0)
         if UPCAST:
@@ -76,18 +105,45 @@ def _attn_fwd_inner(
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, Out, LSE, KPM,
-    qk_scale, dropout_p, seed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    KPM,
+    qk_scale,
+    dropout_p,
+    seed,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
     stride_kpm_b,
-    num_heads_q, seqlen_q, seqlen_k,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_heads_q,
+    seqlen_q,
+    seqlen_k,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -105,9 +161,27 @@ def attn_fwd_kernel(
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < seqlen_q
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q_ptrs = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd
+    )
+    k_ptrs = (
+        K
+        + b.to(tl.int64) * stride_kb
+        + h_kv * stride_kh
+        + offs_n[:, None] * stride_kn
+        + offs_d[None, :] * stride_kd
+    )
+    v_ptrs = (
+        V
+        + b.to(tl.int64) * stride_vb
+        + h_kv * stride_vh
+        + offs_n[:, None] * stride_vn
+        + offs_d[None, :] * stride_vd
+    )
     kpm_ptr = KPM + b.to(tl.int64) * stride_kpm_b
 
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
@@ -132,32 +206,99 @@ def attn_fwd_kernel(
 
     # stage 1: whole blocks that need no mask
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, start_m, 0, hi_full,
-        seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-        stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        kpm_ptr,
+        start_m,
+        0,
+        hi_full,
+        seqlen_q,
+        seqlen_k,
+        causal_offset,
+        qk_scale,
+        dropout_p,
+        seed,
+        bh,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_n,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+        False,
+        IS_CAUSAL,
+        HAS_KPM,
+        HAS_DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
     )
     # stage 2: the causal diagonal band and the ragged end of the keys
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, start_m, hi_full, hi,
-        seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed, bh,
-        stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, UPCAST, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        kpm_ptr,
+        start_m,
+        hi_full,
+        hi,
+        seqlen_q,
+        seqlen_k,
+        causal_offset,
+        qk_scale,
+        dropout_p,
+        seed,
+        bh,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_n,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_D,
+        True,
+        IS_CAUSAL,
+        HAS_KPM,
+        HAS_DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
     )
 
     # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(
+        empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    )
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_mask)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = (
+        Out
+        + b.to(tl.int64) * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_om
+        + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def dropout_mask_kernel(
-    Mask, dropout_p, seed, seqlen_q, seqlen_k,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Mask,
+    dropout_p,
+    seed,
+    seqlen_q,
+    seqlen_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Writes the keep-mask the kernels use for one (batch*head) slice: a test-only view."""
     bh = tl.program_id(1)
@@ -167,4 +308,6 @@ def dropout_mask_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
         ptrs = base + offs_m[:, None] * seqlen_k + cols[None, :]
-        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+        tl.store(
+            ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+        )
