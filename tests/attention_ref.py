@@ -60,5 +60,8 @@ def max_err(a, b) -> float:
 def assert_close_to_ref(name, ours, ref, torch_lowp, floor):
     """max|ours - ref| <= 2 * max|torch_lowp - ref| + floor, NaN never passes."""
     err = max_err(ours, ref)
-    bound = 2 * max_err(torch_lowp, ref) + floor
+    torch_err = max_err(torch_lowp, ref)
+    # a NaN in PyTorch's own result would make the bound infinite, and the check meaningless
+    assert torch_err != float("inf"), f"{name}: PyTorch's low-precision attention gave NaN"
+    bound = 2 * torch_err + floor
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"

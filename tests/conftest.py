@@ -18,7 +18,9 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (torch.cuda.is_available() is False)")
+    skip_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU; this machine has none (torch.cuda.is_available() is False)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
@@ -27,3 +29,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every flash_attn call the transformers integration makes; the
+    kernels still run."""
+    from hf_flashattn import integration  # imported here, after TRITON_INTERPRET is settled
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return flash_attn(*args, **kwargs)
+
+    flash_attn = integration.flash_attn
+    monkeypatch.setattr(integration, "flash_attn", spy)
+    return calls

@@ -1,9 +1,9 @@
 """attn_implementation="triton_attention" against transformers' eager attention on tiny random
-models (fp32, CPU through Triton's interpreter, or a GPU).
+models (fp32, CPU through Triton's interpreter, or a GPU); bf16 on larger models is in
+test_integration_gpu.py.
 
-Tolerances: both sides compute in float32 and differ only in summation order (about 1e-7 on
-these models); a masking or scaling error moves logits by O(0.1). rtol=1e-4 sits in between.
-Fallback tests run the very same eager function on the very same mask, so they ask for equality.
+Tolerances: both sides compute in float32, so tiny_models.TOL (see there). Fallback tests run the
+very same eager function on the very same mask, so they ask for equality.
 """
 
 import warnings
@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._dynamo.backends.registry import lookup_backend
-from transformers import (
-    AttentionInterface,
-    AttentionMaskInterface,
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
+from tiny_models import (
+    MODELS,
+    TOL,
+    forward_backward,
+    left_padded_prompts,
+    llama,
+    mistral,
+    padded_batch,
 )
+from torch._dynamo.backends.registry import lookup_backend
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
 from transformers.masking_utils import (
     bidirectional_mask_function,
     causal_mask_function,
@@ -37,89 +36,6 @@ from hf_flashattn import integration, support
 from hf_flashattn.integration import EagerFallbackWarning, KernelMask, kernel_mask
 
 IMPL = hf_flashattn.ATTN_IMPLEMENTATION
-TOL = dict(rtol=1e-4, atol=1e-5)
-VOCAB = 96
-
-
-def llama(device, impl="eager", **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config.update(overrides)
-    model = LlamaForCausalLM(config).to(device).eval()
-    model.set_attn_implementation(impl)
-    return model
-
-
-def gpt2(device, impl="eager", **overrides) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        scale_attn_by_inverse_layer_idx=True,  # a GPT-2 scaling rule that must reach the kernels
-    )
-    config.update(overrides)
-    model = GPT2LMHeadModel(config).to(device).eval()
-    model.set_attn_implementation(impl)
-    return model
-
-
-MODELS = {"llama": llama, "gpt2": gpt2}
-
-
-def padded_batch(device, seq=8):
-    """Row 0 left-padded, row 1 right-padded, row 2 unpadded. Labels ignore the padding and the
-    first real token of row 0, which the (padded, hence arbitrary) position before it predicts."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, VOCAB, (3, seq), device=device)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[1, -2:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    predicted_from_padding = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=1) == 0
-    labels = ids.masked_fill((mask == 0) | predicted_from_padding, -100)
-    return ids, mask, labels
-
-
-def forward_backward(model, ids, mask, labels):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The keyword arguments of every flash_attn call the integration makes."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return flash_attn(*args, **kwargs)
-
-    flash_attn = integration.flash_attn
-    monkeypatch.setattr(integration, "flash_attn", spy)
-    return calls
 
 
 @pytest.fixture
@@ -180,8 +96,7 @@ def test_padded_batch_matches_eager(family, device, kernel_calls):
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_greedy_generate_left_padded_matches_eager(cache_implementation, device, kernel_calls):
     model = llama(device)
-    ids, mask, _ = padded_batch(device, seq=6)
-    ids, mask = ids[[0, 2]], mask[[0, 2]]  # left padding only, as for generation
+    ids, mask = left_padded_prompts(device)
     kwargs = dict(
         attention_mask=mask,
         max_new_tokens=4,
@@ -445,6 +360,17 @@ def _assert_one_warning(caught, reason):
     assert len(messages) == 1 and support.FALLBACK_REASONS[reason] in messages[0], messages
 
 
+def _assert_falls_back(model, ids, attention_mask, reason, caught, kernel_calls):
+    """``model`` (built with eager attention), switched to triton_attention, still runs eager
+    for ``reason``: the same logits bit for bit, twice, no kernel call, and a single warning."""
+    ref = model(ids, attention_mask=attention_mask).logits
+    model.set_attn_implementation(IMPL)
+    for _ in range(2):
+        assert_equal(model(ids, attention_mask=attention_mask).logits, ref)
+    assert not kernel_calls
+    _assert_one_warning(caught, reason)
+
+
 @pytest.mark.parametrize("family", MODELS)
 def test_fallback_output_attentions(family, device, fresh_warnings, kernel_calls):
     model = MODELS[family](device)
@@ -467,12 +393,7 @@ def test_fallback_arbitrary_additive_mask(device, fresh_warnings, kernel_calls):
     torch.manual_seed(3)
     # Padding and causality, plus a real bias.
     bias = _eager_style(mask.bool(), 8, 8) - torch.rand(8, 8, device=device)
-    ref = model(ids, attention_mask=bias).logits
-    model.set_attn_implementation(IMPL)
-    for _ in range(2):
-        assert_equal(model(ids, attention_mask=bias).logits, ref)
-    assert not kernel_calls
-    _assert_one_warning(fresh_warnings, "mask")
+    _assert_falls_back(model, ids, bias, "mask", fresh_warnings, kernel_calls)
 
 
 def test_a_4d_padding_mask_from_the_user_runs_the_kernels(device, fresh_warnings, kernel_calls):
@@ -509,41 +430,15 @@ def _cpu_without_interpreter(device, monkeypatch):
 def test_fallback_model_level(reason, build, device, monkeypatch, fresh_warnings, kernel_calls):
     model = build(device, monkeypatch)
     ids, mask, _ = padded_batch(device)
-    ref = model(ids, attention_mask=mask).logits
-    model.set_attn_implementation(IMPL)
-    for _ in range(2):
-        assert_equal(model(ids, attention_mask=mask).logits, ref)
-    assert not kernel_calls
-    _assert_one_warning(fresh_warnings, reason)
+    _assert_falls_back(model, ids, mask, reason, fresh_warnings, kernel_calls)
 
 
 def test_fallback_sliding_window_narrower_than_the_keys(device, fresh_warnings, kernel_calls):
-    def mistral(window):
-        torch.manual_seed(0)
-        config = MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            sliding_window=window,
-            pad_token_id=0,
-        )
-        model = MistralForCausalLM(config).to(device).eval()
-        model.set_attn_implementation("eager")
-        return model
-
     ids, mask, _ = padded_batch(device)
-    narrow = mistral(4)
-    ref = narrow(ids, attention_mask=mask).logits
-    narrow.set_attn_implementation(IMPL)
-    for _ in range(2):
-        assert_equal(narrow(ids, attention_mask=mask).logits, ref)
-    assert not kernel_calls
-    _assert_one_warning(fresh_warnings, "sliding_window")
+    narrow = mistral(device, sliding_window=4)
+    _assert_falls_back(narrow, ids, mask, "sliding_window", fresh_warnings, kernel_calls)
 
-    wide = mistral(16)  # the window covers every key: the kernels are exact
+    wide = mistral(device, sliding_window=16)  # the window covers every key: the kernels are exact
     ref = wide(ids, attention_mask=mask).logits
     wide.set_attn_implementation(IMPL)
     torch.testing.assert_close(

@@ -1,90 +1,17 @@
 """Adapters (hf_flashattn.patches): route a loaded model's attention modules through the kernels
-and undo it exactly. Tiny random fp32 models; tolerances as in test_integration.py."""
+and undo it exactly. Tiny random fp32 models (tiny_models.py) and their tolerance."""
 
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-)
+from tiny_models import TOL, gpt2, left_padded_prompts, llama, mistral, padded_batch
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from hf_flashattn import integration, patches
-
-TOL = dict(rtol=1e-4, atol=1e-5)
-VOCAB = 96
-
-
-def llama(device, impl) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation=impl,
-    )
-    return LlamaForCausalLM(config).to(device).eval()
-
-
-def gpt2(device, impl, **overrides) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        scale_attn_by_inverse_layer_idx=True,
-        attn_implementation=impl,
-        **overrides,
-    )
-    return GPT2LMHeadModel(config).to(device).eval()
-
+from hf_flashattn import patches
 
 MODELS = {"llama": (llama, LlamaAttention), "gpt2": (gpt2, GPT2Attention)}
-
-
-def padded_batch(device, seq=8):
-    """Row 0 left-padded, row 1 right-padded, row 2 unpadded."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, VOCAB, (3, seq), device=device)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[1, -2:] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The keyword arguments of every flash_attn call the integration makes."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return flash_attn(*args, **kwargs)
-
-    flash_attn = integration.flash_attn
-    monkeypatch.setattr(integration, "flash_attn", spy)
-    return calls
 
 
 def test_registry_lists_every_adapter_under_its_model_type():
@@ -113,7 +40,7 @@ def test_apply_routes_every_attention_module_and_revert_is_exact(
 ):
     build, attention_class = MODELS[family]
     model = build(device, impl)
-    ids, mask = padded_batch(device)
+    ids, mask, _ = padded_batch(device)
     real = mask.bool()
     ref, ref_grads = logits_and_grads(model, ids, mask)
     attention = [m for m in model.modules() if isinstance(m, attention_class)]
@@ -141,8 +68,7 @@ def test_apply_routes_every_attention_module_and_revert_is_exact(
 
 def test_patched_llama_generates_like_eager(device, kernel_calls):
     model = llama(device, "sdpa")
-    ids, mask = padded_batch(device, seq=6)
-    ids, mask = ids[[0, 2]], mask[[0, 2]]  # left padding only, as for generation
+    ids, mask = left_padded_prompts(device)
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
     ref = model.generate(ids, **kwargs)
     patches.llama.apply(model)
@@ -154,7 +80,7 @@ def test_patched_gpt2_cross_attention(device, kernel_calls):
     """GPT-2 with cross-attention: self- and cross-attention modules both go to the kernels, and
     the (bidirectional, padded) encoder mask is honoured."""
     model = gpt2(device, "eager", add_cross_attention=True)
-    ids, mask = padded_batch(device)
+    ids, mask, _ = padded_batch(device)
     torch.manual_seed(2)
     encoder = torch.randn(3, 5, 32, device=device)
     encoder_mask = torch.ones(3, 5, dtype=torch.long, device=device)
@@ -171,21 +97,12 @@ def test_patched_gpt2_cross_attention(device, kernel_calls):
 
 
 def test_unknown_model_types_are_refused(device):
-    torch.manual_seed(0)
-    mistral = MistralForCausalLM(
-        MistralConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=VOCAB,
-        )
-    )
+    model = mistral(device)
     with pytest.raises(ValueError, match=r"model_type 'mistral'.*gpt2, llama"):
-        patches.apply(mistral)
+        patches.apply(model)
     with pytest.raises(ValueError, match="no LlamaAttention"):
         patches.llama.apply(gpt2(device, "eager"))
-    assert not any(patches.is_patched(m) for m in mistral.modules())
+    assert not any(patches.is_patched(m) for m in model.modules())
 
 
 class CountingHook(ModelHook):
@@ -205,7 +122,7 @@ def test_accelerate_hooks_survive_apply_and_revert(device, kernel_calls):
     for module, hook in zip(attention, hooks, strict=True):
         add_hook_to_module(module, hook)
     old_forwards = [m._old_forward for m in attention]
-    ids, mask = padded_batch(device)
+    ids, mask, _ = padded_batch(device)
     ref = model(ids, attention_mask=mask).logits
 
     patches.apply(model)

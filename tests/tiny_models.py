@@ -1,0 +1,112 @@
+"""Random models and padded batches for the model-level tests (test_integration.py,
+test_patches.py, test_integration_gpu.py).
+
+Every builder seeds torch's generator first, so one set of arguments always gives the same
+weights; keyword overrides go to the config's constructor (derived fields such as LLaMA's
+``head_dim`` follow them). Pad id 0, bos 1, eos 2; token ids from 3 up.
+"""
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+)
+
+VOCAB = 96
+# fp32 models on both sides differ only in summation order (about 1e-7 here); a masking or
+# scaling error moves logits by O(0.1). This sits in between.
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+# LLaMA-style decoder (LLaMA, Mistral): grouped-query attention, 4 query heads on 2 KV heads of
+# head_dim 16.
+_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_GPT2 = dict(
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    n_positions=64,
+    vocab_size=VOCAB,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    scale_attn_by_inverse_layer_idx=True,  # a GPT-2 scaling rule that must reach the kernels
+)
+
+
+def _build(model_class, config, device, impl: str) -> PreTrainedModel:
+    torch.manual_seed(0)
+    model = model_class(config).to(device).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def llama(device, impl: str = "eager", **overrides) -> LlamaForCausalLM:
+    """A random 2-layer LLaMA in eval mode, running attention ``impl``."""
+    return _build(LlamaForCausalLM, LlamaConfig(**(_DECODER | overrides)), device, impl)
+
+
+def mistral(device, impl: str = "eager", **overrides) -> MistralForCausalLM:
+    """A random 2-layer Mistral (LLaMA's shape plus ``sliding_window``, 4096 unless overridden)."""
+    return _build(MistralForCausalLM, MistralConfig(**(_DECODER | overrides)), device, impl)
+
+
+def gpt2(device, impl: str = "eager", **overrides) -> GPT2LMHeadModel:
+    """A random 2-layer GPT-2 without dropout unless overridden, attention scaled per layer."""
+    return _build(GPT2LMHeadModel, GPT2Config(**(_GPT2 | overrides)), device, impl)
+
+
+MODELS = {"llama": llama, "gpt2": gpt2}
+
+
+def padded_batch(device, seq: int = 8, padding=((3, 0), (0, 2), (0, 0)), vocab: int = VOCAB):
+    """Token ids, attention mask and labels, each (len(padding), seq), one row per
+    ``(left, right)`` pad count: by default row 0 left-padded, row 1 right-padded, row 2 not.
+
+    Labels ignore the padding and the first real token of a left-padded row, which the (padded,
+    hence arbitrary) position before it predicts.
+    """
+    torch.manual_seed(1)
+    ids = torch.randint(3, vocab, (len(padding), seq), device=device)
+    mask = torch.ones_like(ids)
+    for row, (left, right) in enumerate(padding):
+        mask[row, :left] = 0
+        mask[row, seq - right :] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    predicted_from_padding = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=1) == 0
+    labels = ids.masked_fill((mask == 0) | predicted_from_padding, -100)
+    return ids, mask, labels
+
+
+def left_padded_prompts(device):
+    """Two 6-token prompts for generation, the first left-padded by 3: ids and attention mask."""
+    ids, mask, _ = padded_batch(device, seq=6)
+    return ids[[0, 2]], mask[[0, 2]]
+
+
+def forward_backward(model, ids, mask, labels):
+    """One forward and backward pass from zeroed gradients: logits, loss, and a copy of each
+    parameter's gradient by name."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
