@@ -10,7 +10,7 @@ atomics and repeated runs give bitwise-identical gradients.
 import triton
 import triton.language as tl
 
-from .fwd import _dropout_keep, key_ranges
+from .fwd import _dropout_keep
 
 
 @triton.jit
@@ -284,10 +284,9 @@ def attn_bwd_dkdv_kernel(
     else:
         lo = 0
         lo_full = 0
+    # the key block itself is ragged at the end of the sequence: mask every block then
+    ragged_k = start_n + BLOCK_N > seqlen_k
     hi_full = seqlen_q // BLOCK_M * BLOCK_M
-    # A key block ragged at the end of the sequence needs its mask on every query block: the
-    # masked first stage then runs over all rows and the other two stages are empty.
-    lo_full = tl.where(start_n + BLOCK_N > seqlen_k, seqlen_q, lo_full)
 
     for g in range(GROUP):
         h = h_kv * GROUP + g
@@ -296,116 +295,154 @@ def attn_bwd_dkdv_kernel(
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + bh.to(tl.int64) * seqlen_q
         delta_base = Delta + bh.to(tl.int64) * seqlen_q
-        # diagonal band (masked), then the rows below it that see the whole block
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            kpm_ptr,
-            lo,
-            lo_full,
-            start_n,
-            tl.arange(0, BLOCK_N),
-            offs_d,
-            stride_qm,
-            stride_qd,
-            stride_dom,
-            stride_dod,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            qk_scale,
-            dropout_p,
-            seed,
-            bh,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            True,
-            IS_CAUSAL,
-            HAS_KPM,
-            HAS_DROPOUT,
-            UPCAST,
-            DOT_PRECISION,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            kpm_ptr,
-            lo_full,
-            hi_full,
-            start_n,
-            tl.arange(0, BLOCK_N),
-            offs_d,
-            stride_qm,
-            stride_qd,
-            stride_dom,
-            stride_dod,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            qk_scale,
-            dropout_p,
-            seed,
-            bh,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            False,
-            IS_CAUSAL,
-            HAS_KPM,
-            HAS_DROPOUT,
-            UPCAST,
-            DOT_PRECISION,
-        )
-        # ragged last query block
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            lse_base,
-            delta_base,
-            kpm_ptr,
-            tl.maximum(hi_full, lo_full),
-            seqlen_q,
-            start_n,
-            tl.arange(0, BLOCK_N),
-            offs_d,
-            stride_qm,
-            stride_qd,
-            stride_dom,
-            stride_dod,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            qk_scale,
-            dropout_p,
-            seed,
-            bh,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            True,
-            IS_CAUSAL,
-            HAS_KPM,
-            HAS_DROPOUT,
-            UPCAST,
-            DOT_PRECISION,
-        )
+        if ragged_k:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                lo,
+                seqlen_q,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                True,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
+            )
+        else:
+            # diagonal band (masked), then the rows below it that see the whole block
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                lo,
+                lo_full,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                True,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
+            )
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                lo_full,
+                hi_full,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                False,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
+            )
+            # ragged last query block
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                kpm_ptr,
+                tl.maximum(hi_full, lo_full),
+                seqlen_q,
+                start_n,
+                tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_qm,
+                stride_qd,
+                stride_dom,
+                stride_dod,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                qk_scale,
+                dropout_p,
+                seed,
+                bh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                True,
+                IS_CAUSAL,
+                HAS_KPM,
+                HAS_DROPOUT,
+                UPCAST,
+                DOT_PRECISION,
+            )
 
     dk = dk * sm_scale
     dk_ptrs = (
@@ -594,7 +631,14 @@ def attn_bwd_dq_kernel(
     kpm_ptr = KPM + b64 * stride_kpm_b
 
     causal_offset = seqlen_k - seqlen_q
-    hi_full, hi = key_ranges(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if IS_CAUSAL:
+        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+    else:
+        hi_full = seqlen_k
+        hi = seqlen_k
+    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
 
     dq = _attn_bwd_dq_inner(
         dq,

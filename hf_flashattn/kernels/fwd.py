@@ -104,27 +104,6 @@ def _attn_fwd_inner(
 
 
 @triton.jit
-def key_ranges(
-    start_m,
-    seqlen_k,
-    causal_offset,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-):
-    """Keys of the query block at start_m: [0, hi_full) are whole blocks every row sees (no
-    mask), [hi_full, hi) need the mask (causal diagonal band, ragged end of the keys)."""
-    if IS_CAUSAL:
-        # bottom-right alignment: query i sees keys j <= i + causal_offset
-        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-    else:
-        hi_full = seqlen_k
-        hi = seqlen_k
-    return tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N, tl.maximum(hi, 0)
-
-
-@triton.jit
 def attn_fwd_kernel(
     Q,
     K,
@@ -215,7 +194,15 @@ def attn_fwd_kernel(
 
     # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
     causal_offset = seqlen_k - seqlen_q
-    hi_full, hi = key_ranges(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if IS_CAUSAL:
+        # keys visible to every row of the block / to at least one row of it
+        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+    else:
+        hi_full = seqlen_k
+        hi = seqlen_k
+    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
 
     # stage 1: whole blocks that need no mask
     acc, l_i, m_i = _attn_fwd_inner(
