@@ -1,9 +1,9 @@
 """Adapters: route the attention modules of an already-loaded model through the Triton kernels,
-without touching its config, and undo it exactly.
+without touching the model's config or any module's code, and undo it exactly.
 
     import hf_flashattn.patches
     hf_flashattn.patches.apply(model)    # picks the adapter by model.config.model_type
-    hf_flashattn.patches.revert(model)   # original forwards back, bit for bit
+    hf_flashattn.patches.revert(model)   # the modules as they were
 
 Installed as ``hf_flashattn.patches`` (setuptools package-dir); always import it by that name.
 """
@@ -15,9 +15,9 @@ from types import ModuleType
 from torch import nn
 
 from . import gpt2, llama
-from ._base import is_patched, restore_forwards
+from ._base import is_patched, restore
 
-# model_type -> adapter module (each has MODEL_TYPE, apply(model), revert(model)).
+# model_type -> adapter module: MODEL_TYPE, ATTENTION_CLASSES, apply(model), revert(model).
 ADAPTERS: dict[str, ModuleType] = {adapter.MODEL_TYPE: adapter for adapter in (llama, gpt2)}
 
 
@@ -29,7 +29,8 @@ def apply(model: nn.Module) -> int:
         The number of attention modules now routed through the kernels.
 
     Raises:
-        ValueError: no adapter for this model type (the message lists those there are).
+        ValueError: no adapter for this model type (the message lists those there are), or its
+            attention modules cannot be routed (see ``_base.route``).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
@@ -42,12 +43,12 @@ def apply(model: nn.Module) -> int:
 
 
 def revert(model: nn.Module) -> int:
-    """Restore the original forwards of every patched attention module in ``model``.
+    """Restore every patched attention module in ``model``, whatever adapter patched it.
 
     Return:
         The number of modules restored (0 when nothing was patched).
     """
-    return restore_forwards(model)
+    return restore(model)
 
 
 __all__ = ["ADAPTERS", "apply", "gpt2", "is_patched", "llama", "revert"]
