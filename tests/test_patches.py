@@ -217,3 +217,14 @@ def test_accelerate_hooks_survive_apply_and_revert(device, kernel_calls):
     for module in attention:
         remove_hook_from_module(module)
     assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+
+
+def test_patched_model_compiles_without_graph_breaks(device):
+    """The routed config is read while tracing: dynamo must see through it (fullgraph)."""
+    model = llama(device, "sdpa")
+    ids, _, _ = padded_batch(device, padding=((0, 0),) * 3)
+    ref = llama(device, "eager")(ids).logits
+    patches.apply(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids).logits, ref, **TOL)
