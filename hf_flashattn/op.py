@@ -1,26 +1,35 @@
-"""The public op: input validation, the torch.library custom ops and their autograd.
+"""The public op: input validation, the launch functions, autograd and the torch.library ops.
 
-Data flows one way: ``flash_attn`` validates and normalises its inputs once, the custom ops
-launch the kernels, and the kernels never re-check.
+Data flows one way: ``flash_attn`` validates and normalises its inputs once, plain launch
+functions (``_forward`` / ``_backward``) start the kernels, and the kernels never re-check.
+
+Two front doors share those launch functions. Eager calls go through a
+``torch.autograd.Function`` that calls them directly: a ``torch.library`` custom op's eager
+dispatch costs more host time than the kernels' launches. Under ``torch.compile`` the same
+functions run inside the custom ops ``hf_flashattn::fwd`` / ``::bwd``, whose fake
+registrations and autograd let the compiler trace through them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from triton.runtime.errors import OutOfResources
 
 from .kernels import INTERPRETING
-from .kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .kernels.configs import KernelConfig, block_d, bwd_dkdv_config, bwd_dq_config, fwd_config
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+LAYOUTS = ("bhsd", "bshd")
 _LOG2E = 1.4426950408889634
-# Philox keys are seed + (batch * heads_q + head); keep that sum inside int32.
-_SEED_LIMIT = 2**30
+# The dropout seed is a Philox key (64 bits); keep it a non-negative int64.
+_SEED_HIGH = 2**62
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -29,42 +38,275 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETING and dtype == torch.bfloat16
 
 
-# Per kernel and specialisation: the first config that fit this GPU's shared memory.
-_FITTING_CONFIG: dict[tuple, KernelConfig] = {}
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
-def _launch(kernel, grid, cfg: KernelConfig, dtype: torch.dtype, args: tuple, meta: dict) -> None:
-    """Launch ``kernel`` over ``grid(cfg)``, stepping down to smaller configs while the GPU
-    lacks the shared memory for one (Triton raises before anything runs), and remembering
-    the config that fit so the step-down happens once per process."""
-    key = (kernel, dtype, tuple(sorted(meta.items())))
-    cfg = _FITTING_CONFIG.get(key, cfg)
-    # fp32 callers asked for fp32 results: plain tf32 dots err ~1e-3, so fp32 inputs take IEEE
-    # fp32 dots (slower; the 16-bit paths are the fast ones). 16-bit operands ignore this.
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    while True:
+# ---------------------------------------------------------------------------- launching
+class _Launcher:
+    """One kernel at one specialisation, with everything its launch needs built once: the
+    config (stepped down the first time a GPU lacks the shared memory for it) and the keyword
+    arguments (constexprs and launch options). A call then computes only the grid.
+
+    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it):
+    grid axis 1 would cap batch * heads at 65,535.
+    """
+
+    __slots__ = ("kernel", "along_keys", "cfg", "block", "constexprs", "kwargs")
+
+    def __init__(self, kernel, cfg: KernelConfig, along_keys: bool, constexprs: dict) -> None:
+        self.kernel = kernel
+        self.along_keys = along_keys  # True: one program per key block (dK/dV)
+        self.constexprs = constexprs
+        self._use(cfg)
+
+    def _use(self, cfg: KernelConfig) -> None:
+        self.cfg = cfg
+        self.block = cfg.block_n if self.along_keys else cfg.block_m
+        self.kwargs = dict(
+            self.constexprs,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+
+    def __call__(self, rows: int, heads: int, *args) -> None:
+        grid = ((rows + self.block - 1) // self.block * heads,)
         try:
-            kernel[grid(cfg)](
-                *args,
-                BLOCK_M=cfg.block_m,
-                BLOCK_N=cfg.block_n,
-                DOT_PRECISION=precision,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-                **meta,
-            )
+            self.kernel[grid](*args, **self.kwargs)
         except OutOfResources:
-            cfg = cfg.smaller()
-            if cfg is None:
+            # Triton raises before anything runs; the config that fits is kept for later calls
+            smaller = self.cfg.smaller()
+            if smaller is None:
                 raise
-            continue
-        _FITTING_CONFIG[key] = cfg
-        return
+            self._use(smaller)
+            self(rows, heads, *args)
 
 
-# ---------------------------------------------------------------------------- forward
+# (kernel name, specialisation) -> launcher
+_LAUNCHERS: dict[tuple, _Launcher] = {}
+# Test hook: configs forced per kernel name ("fwd", "dkdv", "dq"), see forced_configs().
+_FORCED: dict[str, KernelConfig] = {}
+_KERNELS = {
+    "fwd": (attn_fwd_kernel, fwd_config, False),
+    "dkdv": (attn_bwd_dkdv_kernel, bwd_dkdv_config, True),
+    "dq": (attn_bwd_dq_kernel, bwd_dq_config, False),
+}
+
+
+def _launcher(name: str, key: tuple) -> _Launcher:
+    launcher = _LAUNCHERS.get((name, key))
+    if launcher is None:
+        dtype, head_dim, group, causal, has_kpm, has_dropout, has_dlse = key
+        kernel, table, along_keys = _KERNELS[name]
+        constexprs = dict(
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d(head_dim),
+            IS_CAUSAL=causal,
+            HAS_KPM=has_kpm,
+            HAS_DROPOUT=has_dropout,
+            UPCAST=_upcast(dtype),
+            # fp32 callers asked for fp32 results: plain tf32 dots err ~1e-3, so fp32 inputs
+            # take IEEE fp32 dots (slower; the 16-bit paths are the fast ones).
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        )
+        if name == "dq":
+            constexprs["HAS_DLSE"] = has_dlse
+        cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
+        launcher = _LAUNCHERS[(name, key)] = _Launcher(kernel, cfg, along_keys, constexprs)
+    return launcher
+
+
+@contextlib.contextmanager
+def forced_configs(**configs: KernelConfig) -> Iterator[None]:
+    """Test hook: run the kernels named by the keywords (``fwd``, ``dkdv``, ``dq``) with the
+    given block configs instead of the tables' (e.g. the GPU configs in the interpreter)."""
+    unknown = set(configs) - set(_KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(_KERNELS)}")
+    saved = dict(_FORCED)
+    _FORCED.update(configs)
+    _LAUNCHERS.clear()
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+        _LAUNCHERS.clear()
+
+
+def _on_device(fn):
+    """Run ``fn(q, ...)`` with q's GPU current: Triton launches on the current device and its
+    current stream. The switch costs host time, so it happens only when needed."""
+
+    def run(q, *args):
+        if q.is_cuda and q.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(q.device):
+                return fn(q, *args)
+        return fn(q, *args)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+# ---------------------------------------------------------------------------- launch functions
+@_on_device
+def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+    """Launch the forward. q (batch, heads_q, seq_q, dim), k/v (batch, heads_kv, seq_k, dim),
+    last dim dense; seed: (1,) int64 on q's device, or None without dropout.
+    Returns out (batch, heads_q, seq_q, dim) stored as (batch, seq, heads, dim), and lse
+    (batch, heads_q, seq_q) float32."""
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    # (batch, seq, heads, dim) in memory, returned as a (batch, heads, seq, dim) view: the
+    # transformers hook transposes it back to (batch, seq, heads, dim) without a copy.
+    row = heads_q * head_dim
+    out = torch.empty_strided(
+        (batch, heads_q, seqlen_q, head_dim),
+        (seqlen_q * row, head_dim, row, 1),
+        dtype=q.dtype,
+        device=q.device,
+    )
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
+    key = (q.dtype, head_dim, heads_q // heads_kv, causal, has_kpm, dropout_p > 0.0, False)
+    _launcher("fwd", key)(
+        seqlen_q,
+        batch * heads_q,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kpm,
+        q if seed is None else seed,
+        scale * _LOG2E,
+        dropout_p,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        kpm.stride(0) if has_kpm else 0,
+        heads_q,
+        seqlen_q,
+        seqlen_k,
+    )
+    return out, lse
+
+
+@_on_device
+def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed):
+    """Launch the backward: the dQ pass (which also computes delta, with dlse folded in), then
+    the dK/dV pass. dout like out, or None (only lse was used); dlse like lse, or None.
+    Returns dq, dk, dv shaped and strided like q, k, v."""
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    has_dlse = dlse is not None
+    if has_dlse and not dlse.is_contiguous():
+        dlse = dlse.contiguous()  # e.g. the expanded ones of lse.sum()'s backward
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask if has_kpm else q  # dummy pointers, never read
+    kpm_stride = kpm.stride(0) if has_kpm else 0
+    seed = q if seed is None else seed
+    qk_scale = scale * _LOG2E
+    key = (q.dtype, head_dim, heads_q // heads_kv, causal, has_kpm, dropout_p > 0.0, has_dlse)
+    _launcher("dq", key)(
+        seqlen_q,
+        batch * heads_q,
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dlse if has_dlse else lse,
+        delta,
+        dq,
+        kpm,
+        seed,
+        qk_scale,
+        scale,
+        dropout_p,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *dout.stride(),
+        *dq.stride(),
+        kpm_stride,
+        heads_q,
+        seqlen_q,
+        seqlen_k,
+    )
+    _launcher("dkdv", key[:-1] + (False,))(
+        seqlen_k,
+        batch * heads_kv,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        kpm,
+        seed,
+        qk_scale,
+        scale,
+        dropout_p,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        kpm_stride,
+        heads_q,
+        heads_kv,
+        seqlen_q,
+        seqlen_k,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------- eager autograd
+class _FlashAttn(torch.autograd.Function):
+    """Eager path: the launch functions called directly, no custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+        out, lse = _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+        ctx.args = (causal, scale, dropout_p)
+        # unused outputs (lse without return_lse) get None, not a tensor of zeros
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+        causal, scale, dropout_p = ctx.args
+        dq, dk, dv = _backward(
+            q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("hf_flashattn::fwd", mutates_args=(), device_types=None)
-def _fwd(
+def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -72,55 +314,12 @@ def _fwd(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    # (batch, seq, heads, dim) in memory, returned as a (batch, heads, seq, dim) view: the
-    # transformers hook transposes it back to (batch, seq, heads, dim) without a copy.
-    out = torch.empty(
-        (batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device
-    ).transpose(1, 2)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    kpm = key_padding_mask if key_padding_mask is not None else q  # dummy pointer, never read
-    _launch(
-        attn_fwd_kernel,
-        lambda cfg: (triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q),
-        fwd_config(head_dim, INTERPRETING),
-        q.dtype,
-        (
-            q,
-            k,
-            v,
-            out,
-            lse,
-            kpm,
-            scale * _LOG2E,
-            dropout_p,
-            seed,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *out.stride(),
-            kpm.stride(0) if key_padding_mask is not None else 0,
-            heads_q,
-            seqlen_q,
-            seqlen_k,
-        ),
-        dict(
-            GROUP=heads_q // heads_kv,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d(head_dim),
-            IS_CAUSAL=causal,
-            HAS_KPM=key_padding_mask is not None,
-            HAS_DROPOUT=dropout_p > 0.0,
-            UPCAST=_upcast(q.dtype),
-        ),
-    )
-    return out, lse
+    return _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
 
 
-@_fwd.register_fake
+@_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
     batch, heads_q, seqlen_q, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, heads_q, head_dim)).transpose(1, 2)
@@ -128,182 +327,90 @@ def _(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
     return out, lse
 
 
-# ---------------------------------------------------------------------------- backward
 @torch.library.custom_op("hf_flashattn::bwd", mutates_args=(), device_types=None)
-def _bwd(
-    dout: torch.Tensor,
+def _bwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    bd = block_d(head_dim)
-    pre_block = 64 if INTERPRETING else 128
-    attn_bwd_preprocess_kernel[(triton_cdiv(seqlen_q, pre_block), batch * heads_q)](
-        out,
-        dout,
-        delta,
-        *out.stride(),
-        *dout.stride(),
-        heads_q,
-        seqlen_q,
-        HEAD_DIM=head_dim,
-        BLOCK_D=bd,
-        BLOCK_M=pre_block,
+    return _backward(
+        q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed
     )
-    has_kpm = key_padding_mask is not None
-    kpm = key_padding_mask if has_kpm else q
-    kpm_stride = kpm.stride(0) if has_kpm else 0
-    common = dict(
-        GROUP=heads_q // heads_kv,
-        HEAD_DIM=head_dim,
-        BLOCK_D=bd,
-        IS_CAUSAL=causal,
-        HAS_KPM=has_kpm,
-        HAS_DROPOUT=dropout_p > 0.0,
-        UPCAST=_upcast(q.dtype),
-    )
-    _launch(
-        attn_bwd_dkdv_kernel,
-        lambda cfg: (triton_cdiv(seqlen_k, cfg.block_n), batch * heads_kv),
-        bwd_dkdv_config(head_dim, INTERPRETING),
-        q.dtype,
-        (
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dk,
-            dv,
-            kpm,
-            scale * _LOG2E,
-            scale,
-            dropout_p,
-            seed,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *dout.stride(),
-            *dk.stride(),
-            *dv.stride(),
-            kpm_stride,
-            heads_q,
-            heads_kv,
-            seqlen_q,
-            seqlen_k,
-        ),
-        common,
-    )
-    _launch(
-        attn_bwd_dq_kernel,
-        lambda cfg: (triton_cdiv(seqlen_q, cfg.block_m), batch * heads_q),
-        bwd_dq_config(head_dim, INTERPRETING),
-        q.dtype,
-        (
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dq,
-            kpm,
-            scale * _LOG2E,
-            scale,
-            dropout_p,
-            seed,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *dout.stride(),
-            *dq.stride(),
-            kpm_stride,
-            heads_q,
-            seqlen_q,
-            seqlen_k,
-        ),
-        common,
-    )
-    return dq, dk, dv
 
 
-@_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed):
+@_bwd_op.register_fake
+def _(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.args = (causal, scale, dropout_p)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _bwd(
-        dout, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed
-    )
+def _op_backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, key_padding_mask, *ctx.args, seed)
     return dq, dk, dv, None, None, None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------- validation
-def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale) -> None:
+def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout) -> None:
+    """Every rule an input must meet, with an error naming the argument. Runs on every call,
+    so the common case takes the fewest attribute reads."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    dims = "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(batch, seq, heads, head_dim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
-                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if k.device != q.device or v.device != q.device:
+            raise ValueError(f"{name} must be 4-D {dims} (layout={layout!r}), got {tuple(t.shape)}")
+    dtype = q.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {dtype}; supported: float16, bfloat16, float32")
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"q, k and v must share a dtype, got q={dtype}, k={k.dtype}, v={v.dtype}")
+    device = q.device
+    if k.device != device or v.device != device:
         raise ValueError(
-            f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}"
+            f"q, k and v must be on one device, got q={device}, k={k.device}, v={v.device}"
         )
-    batch, heads_q, _, head_dim = q.shape
-    if k.shape != v.shape:
+    h, s = (1, 2) if layout == "bhsd" else (2, 1)
+    q_shape, k_shape = q.shape, k.shape
+    batch, heads_q, seqlen_q, head_dim = q_shape[0], q_shape[h], q_shape[s], q_shape[3]
+    heads_kv, seqlen_k = k_shape[h], k_shape[s]
+    if k_shape != v.shape:
         raise ValueError(
-            f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}"
+            f"k and v must have the same shape, got k={tuple(k_shape)}, v={tuple(v.shape)}"
         )
-    if k.shape[0] != batch:
-        raise ValueError(f"k has batch {k.shape[0]} but q has batch {batch}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"k has head_dim {k.shape[3]} but q has head_dim {head_dim}")
+    if k_shape[0] != batch:
+        raise ValueError(f"k has batch {k_shape[0]} but q has batch {batch}")
+    if k_shape[3] != head_dim:
+        raise ValueError(f"k has head_dim {k_shape[3]} but q has head_dim {head_dim}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    heads_kv = k.shape[1]
     if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"seq lengths must be >= 1, got seq_q={q.shape[2]}, seq_k={k.shape[2]}")
-    if q.device.type == "cpu" and not INTERPRETING:
+        raise ValueError(
+            f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv}) (layout={layout!r})"
+        )
+    if seqlen_q == 0 or seqlen_k == 0:
+        raise ValueError(f"seq lengths must be >= 1, got seq_q={seqlen_q}, seq_k={seqlen_k}")
+    if device.type == "cpu" and not INTERPRETING:
         raise ValueError(
             "q is on the CPU: the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set "
             "before hf_flashattn is imported"
@@ -317,14 +424,14 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale) -> None:
             raise TypeError(
                 f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}"
             )
-        if tuple(key_padding_mask.shape) != (batch, k.shape[2]):
+        if key_padding_mask.shape != (batch, seqlen_k):
             raise ValueError(
-                f"key_padding_mask must have shape (batch, seq_k) = {(batch, k.shape[2])}, "
+                f"key_padding_mask must have shape (batch, seq_k) = {(batch, seqlen_k)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        if key_padding_mask.device != q.device:
+        if key_padding_mask.device != device:
             raise ValueError(
-                f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}"
+                f"key_padding_mask is on {key_padding_mask.device} but q is on {device}"
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -332,9 +439,11 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale) -> None:
         raise ValueError(f"scale must be a finite number, got {scale}")
 
 
-def _new_seed() -> int:
-    # Drawn from torch's default generator, so torch.manual_seed reproduces the dropout mask.
-    return int(torch.randint(0, _SEED_LIMIT, (1,)).item())
+def _new_seed(device) -> torch.Tensor:
+    """The dropout seed: (1,) int64 on ``device``, drawn from that device's default generator
+    (``torch.manual_seed`` reproduces it). A tensor, not an int: no ``.item()`` host sync, and
+    ``torch.compile(fullgraph=True)`` traces it as a graph op."""
+    return torch.randint(0, _SEED_HIGH, (1,), device=device)
 
 
 def flash_attn(
@@ -347,11 +456,17 @@ def flash_attn(
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    layout: str = "bhsd",
 ):
-    """FlashAttention-2 (Triton): softmax(q @ k^T * scale) @ v without an N x N tensor.
+    """Layout caveat: q, k, v are (batch, heads, seq, head_dim) by default, NOT flash-attn's
+    (batch, seq, heads, head_dim); pass ``layout="bshd"`` for that (no copy either way).
 
-    Caveat: on the CPU this runs only through Triton's interpreter (``TRITON_INTERPRET=1`` set
-    before ``hf_flashattn`` is imported), which is slow; it is meant for tests.
+    FlashAttention-2 (Triton): softmax(q @ k^T * scale) @ v without an N x N tensor.
+
+    The two layouts cannot be told apart from shapes (self-attention with seq == heads, or any
+    GQA shape, is valid either way), so nothing guesses: the wrong one gives wrong numbers, not
+    an error. On the CPU this runs only through Triton's interpreter (``TRITON_INTERPRET=1``
+    set before ``hf_flashattn`` is imported), which is slow; it is meant for tests.
 
     Grouped-query / multi-query attention: ``heads_q`` must be a multiple of ``heads_kv``; query
     head ``h`` reads K/V head ``h // (heads_q // heads_kv)``. K/V are never copied.
@@ -372,43 +487,68 @@ def flash_attn(
         1 1
 
     Arguments:
-        q: (batch_size, heads_q, seqlen_q, head_dim), float16 / bfloat16 / float32, any strides.
-        k: (batch_size, heads_kv, seqlen_k, head_dim), same dtype and device as q.
-        v: (batch_size, heads_kv, seqlen_k, head_dim), same dtype and device as q.
+        q: (batch_size, heads_q, seqlen_q, head_dim), or (batch_size, seqlen_q, heads_q,
+            head_dim) with layout="bshd"; float16 / bfloat16 / float32, any strides.
+        k: (batch_size, heads_kv, seqlen_k, head_dim) (bshd: (batch_size, seqlen_k, heads_kv,
+            head_dim)), same dtype and device as q.
+        v: same shape as k, same dtype and device as q.
         causal: bool, default False. Apply the bottom-right aligned causal mask.
         scale: float, default ``head_dim ** -0.5``. Multiplies q @ k^T before the softmax.
         dropout_p: float in [0, 1), default 0. Dropout on the attention probabilities, drawn
-            in the kernel (Philox) from a seed taken from torch's default generator.
+            in the kernel (Philox) from a seed taken from the default generator of q's device.
         key_padding_mask: (batch_size, seqlen_k) bool, default None. True = attend. A query
             row with no key to attend to gives zeros (and zero gradients), never NaN.
-        return_lse: bool, default False. Also return the log-sum-exp of the scaled scores.
+        return_lse: bool, default False. Also return the log-sum-exp of the scaled scores
+            (differentiable: gradients through it reach q and k).
+        layout: "bhsd" (default) or "bshd", the layout of q, k, v and of out.
 
     Return:
-        out: (batch_size, heads_q, seqlen_q, head_dim), dtype of q. Stored as (batch, seq,
-            heads, dim) in memory, so ``out.transpose(1, 2)`` is contiguous.
-        lse (only with return_lse=True): (batch_size, heads_q, seqlen_q) float32, natural log;
-            -inf for rows that attend to nothing.
+        out: (batch_size, heads_q, seqlen_q, head_dim) (bshd: (batch_size, seqlen_q, heads_q,
+            head_dim)), dtype of q. Stored as (batch, seq, heads, dim) in memory in both
+            layouts, so with "bhsd" ``out.transpose(1, 2)`` is contiguous.
+        lse (only with return_lse=True): (batch_size, heads_q, seqlen_q) float32 in both
+            layouts, natural log; -inf for rows that attend to nothing.
     """
-    _check_inputs(q, k, v, key_padding_mask, dropout_p, scale)
-    head_dim = q.shape[-1]
-    scale = float(head_dim**-0.5 if scale is None else scale)
+    _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout)
+    bshd = layout == "bshd"
+    if bshd:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # The kernels take any batch/head/seq strides; only the last dim must be dense.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if key_padding_mask is not None:
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
-    seed = _new_seed() if dropout_p > 0.0 else 0
-    out, lse = _fwd(q, k, v, key_padding_mask, bool(causal), scale, float(dropout_p), seed)
+    causal, dropout_p = bool(causal), float(dropout_p)
+    seed = _new_seed(q.device) if dropout_p > 0.0 else None
+    args = (q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    if torch.compiler.is_compiling():
+        out, lse = _fwd_op(*args)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _FlashAttn.apply(*args)
+    else:
+        out, lse = _forward(*args)
+    if bshd:
+        out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
 
 def dropout_keep_mask(
-    seed: int, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, dropout_p: float, device
+    seed, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, dropout_p: float, device
 ) -> torch.Tensor:
     """Test-only hook: the (batch, heads_q, seqlen_q, seqlen_k) bool keep-mask the kernels
-    draw for ``seed``. Materialises N x N: for checking dropout, never for the hot path."""
+    draw for ``seed`` (what ``_new_seed`` returns, or an int). Materialises N x N: for checking
+    dropout, never for the hot path."""
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64)
+    seed = seed.to(device)
     mask = torch.empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     block = 64 if INTERPRETING else 128
-    dropout_mask_kernel[(triton_cdiv(seqlen_q, block), batch * heads_q)](
-        mask, dropout_p, seed, seqlen_q, seqlen_k, BLOCK_M=block, BLOCK_N=block
+    dropout_mask_kernel[(triton_cdiv(seqlen_q, block) * batch * heads_q,)](
+        mask, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M=block, BLOCK_N=block
     )
     return mask.bool()

@@ -152,7 +152,7 @@ def test_dropout_mean_approaches_no_dropout(device):
         mean += flash_attn(q, k, v, dropout_p=p).double()
     mean /= runs
     exact = flash_attn(q, k, v).double()
-    seed = _new_seed()
+    seed = _new_seed(device)
     mask_rate = dropout_keep_mask(seed, 2, 2, 64, 96, p, device).float().mean().item()
     assert abs(mask_rate - (1 - p)) < 0.02
     # each run's deviation has std ~ |out| / sqrt(runs): the mean must be much closer than one run
@@ -167,7 +167,7 @@ def test_dropout_gradients_match_reference_with_kernel_mask(device, causal):
     torch.manual_seed(7)
     out = flash_attn(q, k, v, dropout_p=p, causal=causal)
     torch.manual_seed(7)
-    keep = dropout_keep_mask(_new_seed(), 2, 2, 64, 96, p, device)
+    keep = dropout_keep_mask(_new_seed(device), 2, 2, 64, 96, p, device)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     kw = dict(causal=causal, dropout_keep=keep, dropout_p=p)
@@ -251,8 +251,8 @@ def test_config_steps_down_when_shared_memory_runs_out():
     smaller config (fewer stages, then smaller blocks), found once and then remembered."""
     from triton.runtime.errors import OutOfResources
 
-    from hf_flashattn import op
     from hf_flashattn.kernels.configs import KernelConfig
+    from hf_flashattn.op import _Launcher
 
     attempts, launched = [], []
 
@@ -262,16 +262,16 @@ def test_config_steps_down_when_shared_memory_runs_out():
                 attempts.append((BLOCK_N, num_stages))
                 if BLOCK_N * num_stages > 32:  # stands in for the shared memory a config needs
                     raise OutOfResources(BLOCK_N * num_stages, 32, "shared memory")
-                launched.append((grid, BLOCK_M, BLOCK_N, num_stages))
+                launched.append((grid, BLOCK_M, BLOCK_N, num_stages, meta["HEAD_DIM"]))
 
             return launch
 
-    kernel = KernelNeedingSmallTiles()
     cfg = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    op._launch(kernel, lambda c: (c.block_n,), cfg, torch.float16, (), {"HEAD_DIM": 64})
+    launcher = _Launcher(KernelNeedingSmallTiles(), cfg, True, {"HEAD_DIM": 64})
+    launcher(100, 3)  # 100 keys in blocks of BLOCK_N, times 3 heads
     assert attempts == [(64, 3), (64, 2), (64, 1), (32, 1)]
-    assert launched == [((32,), 128, 32, 1)]
-    op._launch(kernel, lambda c: (c.block_n,), cfg, torch.float16, (), {"HEAD_DIM": 64})
+    assert launched == [((4 * 3,), 128, 32, 1, 64)]
+    launcher(100, 3)
     assert attempts[4:] == [(32, 1)], "the config that fit is remembered"
 
     class KernelThatNeverFits:
@@ -282,4 +282,58 @@ def test_config_steps_down_when_shared_memory_runs_out():
             return launch
 
     with pytest.raises(OutOfResources):
-        op._launch(KernelThatNeverFits(), lambda c: (1,), cfg, torch.float16, (), {})
+        _Launcher(KernelThatNeverFits(), cfg, False, {})(10, 1)
+
+
+def test_eager_calls_skip_the_custom_op(device, monkeypatch):
+    """Eager calls launch the kernels directly (the custom op's dispatch costs more host time
+    than the launches); the custom op is what torch.compile traces."""
+    from hf_flashattn import op
+
+    def fail(*args, **kwargs):
+        raise AssertionError("eager call went through the custom op")
+
+    monkeypatch.setattr(op, "_fwd_op", fail)
+    monkeypatch.setattr(op, "_bwd_op", fail)
+    q, k, v = _inputs(device, torch.float16, 1, 2, 1, 20, 20, 32)
+    flash_attn(q, k, v, causal=True).sum().backward()
+    with torch.no_grad():
+        flash_attn(q, k, v)
+
+
+def test_custom_op_matches_eager_path(device):
+    """The torch.compile path (custom ops, their autograd) runs the same launch functions."""
+    from hf_flashattn import op
+
+    q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, 50, 32)
+    args = (q, k, v, None, True, 32**-0.5, 0.0, None)
+    out, lse = op._fwd_op(*args)
+    out_e, lse_e = op._FlashAttn.apply(*args)
+    assert torch.equal(out, out_e) and torch.equal(lse, lse_e)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    grads_e = torch.autograd.grad((out_e, lse_e), (q, k, v), (dout, dlse))
+    for a, b in zip(grads, grads_e, strict=True):
+        assert torch.equal(a, b)
+    torch.library.opcheck(op._fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_fullgraph_with_dropout(device):
+    """torch.compile(fullgraph=True) traces the custom ops, dropout seed included (a tensor,
+    drawn without .item()), and gives what eager gives for the same torch.manual_seed."""
+
+    def loss(q, k, v):
+        out, lse = flash_attn(q, k, v, causal=True, dropout_p=0.2, return_lse=True)
+        return out.float().sum() + lse.sum()
+
+    q, k, v = _inputs(device, torch.float32, 1, 2, 1, 40, 40, 32)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    value = compiled(q, k, v)
+    grads = torch.autograd.grad(value, (q, k, v))
+    torch.manual_seed(3)
+    value_e = loss(q, k, v)
+    grads_e = torch.autograd.grad(value_e, (q, k, v))
+    assert torch.equal(value, value_e)
+    for a, b in zip(grads, grads_e, strict=True):
+        assert torch.equal(a, b)

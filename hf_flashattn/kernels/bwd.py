@@ -1,64 +1,18 @@
-"""FlashAttention-2 backward in Triton: preprocess, dK/dV pass, dQ pass.
+"""FlashAttention-2 backward in Triton: the dQ pass, then the dK/dV pass.
 
-P is never stored: both passes recompute it from Q, K and the forward's log-sum-exp. The
-dK/dV pass keeps one K/V block resident and loops over the query blocks of every query head
-that shares it (GQA sums there, in registers); the dQ pass keeps one Q block resident and
-loops over K/V. Each output element is written by exactly one program, so there are no
-atomics and repeated runs give bitwise-identical gradients.
+P is never stored: both passes recompute it from Q, K and the forward's log-sum-exp. The dQ
+pass keeps one Q block resident and loops over K/V; it also computes the softmax-backward
+term ``delta_i = rowsum(dO_i * O_i) - dlse_i`` for its rows (no separate preprocess launch)
+and stores it for the dK/dV pass, which runs after it on the same stream. The dK/dV pass
+keeps one K/V block resident and loops over the query blocks of every query head that shares
+it (GQA sums there, in registers). Each output element is written by exactly one program, so
+there are no atomics and repeated runs give bitwise-identical gradients.
 """
 
 import triton
 import triton.language as tl
 
 from .fwd import _dropout_keep
-
-
-@triton.jit
-def attn_bwd_preprocess_kernel(
-    Out,
-    DO,
-    Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    num_heads,
-    seqlen_q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i): the softmax-backward correction term
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        Out
-        + b.to(tl.int64) * stride_ob
-        + h * stride_oh
-        + offs_m[:, None] * stride_om
-        + offs_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO
-        + b.to(tl.int64) * stride_dob
-        + h * stride_doh
-        + offs_m[:, None] * stride_dom
-        + offs_d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -143,16 +97,20 @@ def _attn_bwd_dkdv_inner(
     cols = start_n + offs_n
     if HAS_KPM:
         keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
+    arange_m = tl.arange(0, BLOCK_M)
+    q_t_ptrs = Q + arange_m[None, :].to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd
+    do_ptrs = DO + arange_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = start_m + arange_m
+        # 64-bit: start_m * stride_qm passes 2^31 once one batch element spans 2^31 elements
         q_t = tl.load(
-            Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            q_t_ptrs + start_m.to(tl.int64) * stride_qm,
             mask=(offs_m[None, :] < seqlen_q) & d_mask[:, None],
             other=0.0,
         )
         do = tl.load(
-            DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            do_ptrs + start_m.to(tl.int64) * stride_dom,
             mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :],
             other=0.0,
         )
@@ -172,7 +130,7 @@ def _attn_bwd_dkdv_inner(
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :] * seqlen_k + cols[:, None], dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[None, :], cols[:, None], dropout_p)
             p_drop_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -194,10 +152,10 @@ def attn_bwd_dkdv_kernel(
     DK,
     DV,
     KPM,
+    Seed,
     qk_scale,
     sm_scale,
     dropout_p,
-    seed,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -238,30 +196,29 @@ def attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bh_kv = tl.program_id(1)
-    b = bh_kv // num_heads_kv
-    h_kv = bh_kv % num_heads_kv
+    # One grid axis, key blocks fastest: axis 1 would cap batch * heads_kv at 65,535
+    n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    bh_kv = pid // n_blocks_n
+    start_n = (pid % n_blocks_n) * BLOCK_N
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b64 = (bh_kv // num_heads_kv).to(tl.int64)
+    h_kv = (bh_kv % num_heads_kv).to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    b64 = b.to(tl.int64)
+    rows_n = offs_n[:, None].to(tl.int64)
     k = tl.load(
-        K
-        + b64 * stride_kb
-        + h_kv * stride_kh
-        + offs_n[:, None] * stride_kn
-        + offs_d[None, :] * stride_kd,
+        K + b64 * stride_kb + h_kv * stride_kh + rows_n * stride_kn + offs_d[None, :] * stride_kd,
         mask=kv_mask,
         other=0.0,
     )
     v = tl.load(
-        V
-        + b64 * stride_vb
-        + h_kv * stride_vh
-        + offs_n[:, None] * stride_vn
-        + offs_d[None, :] * stride_vd,
+        V + b64 * stride_vb + h_kv * stride_vh + rows_n * stride_vn + offs_d[None, :] * stride_vd,
         mask=kv_mask,
         other=0.0,
     )
@@ -290,7 +247,7 @@ def attn_bwd_dkdv_kernel(
 
     for g in range(GROUP):
         h = h_kv * GROUP + g
-        bh = b * num_heads_q + h
+        bh = b64 * num_heads_q + h
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE + bh.to(tl.int64) * seqlen_q
@@ -449,14 +406,14 @@ def attn_bwd_dkdv_kernel(
         DK
         + b64 * stride_dkb
         + h_kv * stride_dkh
-        + offs_n[:, None] * stride_dkn
+        + rows_n * stride_dkn
         + offs_d[None, :] * stride_dkd
     )
     dv_ptrs = (
         DV
         + b64 * stride_dvb
         + h_kv * stride_dvh
-        + offs_n[:, None] * stride_dvn
+        + rows_n * stride_dvn
         + offs_d[None, :] * stride_dvd
     )
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -498,19 +455,19 @@ def _attn_bwd_dq_inner(
     DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
+    arange_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + arange_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + arange_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + tl.arange(0, BLOCK_N)
+        cols = start_n + arange_n
         if MASKED:
             kv_mask = (cols[:, None] < seqlen_k) & d_mask[None, :]
         else:
             kv_mask = d_mask[None, :]
-        k = tl.load(
-            K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0
-        )
-        v = tl.load(
-            V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
-        )
+        # 64-bit: start_n * stride_kn passes 2^31 once one batch element spans 2^31 elements
+        k = tl.load(k_ptrs + start_n.to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n.to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -531,7 +488,7 @@ def _attn_bwd_dq_inner(
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -543,15 +500,17 @@ def attn_bwd_dq_kernel(
     Q,
     K,
     V,
+    Out,
     DO,
     LSE,
+    DLSE,
     Delta,
     DQ,
     KPM,
+    Seed,
     qk_scale,
     sm_scale,
     dropout_p,
-    seed,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -564,6 +523,10 @@ def attn_bwd_dq_kernel(
     stride_vh,
     stride_vn,
     stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
     stride_dob,
     stride_doh,
     stride_dom,
@@ -584,46 +547,60 @@ def attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # One grid axis, query blocks fastest: axis 1 would cap batch * heads at 65,535
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks_m
+    pid_m = pid % n_blocks_m
     if IS_CAUSAL:
         # the last query blocks see the most keys: launch them first so the tail is short
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = n_blocks_m - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // num_heads_q
-    h = bh % num_heads_q
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b64 = (bh // num_heads_q).to(tl.int64)
+    h = (bh % num_heads_q).to(tl.int64)
     h_kv = h // GROUP
-    b64 = b.to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    row_ok = offs_m < seqlen_q
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(
-        Q
-        + b64 * stride_qb
-        + h * stride_qh
-        + offs_m[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd,
+        Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
         mask=mask,
         other=0.0,
     )
     do = tl.load(
-        DO
-        + b64 * stride_dob
-        + h * stride_doh
-        + offs_m[:, None] * stride_dom
-        + offs_d[None, :] * stride_dod,
+        DO + b64 * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
         mask=mask,
         other=0.0,
     )
+    o = tl.load(
+        Out + b64 * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    )
+    # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax-backward correction term.
+    # The lse output adds d lse_i / d s_ij = p_ij, i.e. dS = P * (dP - delta + dlse): fold it
+    # into delta (natural-log units, as dP; only the recomputation of P uses log2).
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row_base = bh.to(tl.int64) * seqlen_q
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
+    # the dK/dV pass, launched after this one, reads it
+    tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = _load_lse2(LSE + bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
-    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + b64 * stride_kb + h_kv * stride_kh
@@ -708,10 +685,6 @@ def attn_bwd_dq_kernel(
     )
     dq = dq * sm_scale
     dq_ptrs = (
-        DQ
-        + b64 * stride_dqb
-        + h * stride_dqh
-        + offs_m[:, None] * stride_dqm
-        + offs_d[None, :] * stride_dqd
+        DQ + b64 * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd
     )
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

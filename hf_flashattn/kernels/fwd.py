@@ -13,11 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offsets, dropout_p):
-    # One Philox stream per (batch, head), keyed by seed + bh; the counter is the element's
-    # position row * seqlen_k + col, so backward regenerates exactly the forward's mask (in
-    # whichever orientation it computes).
-    return tl.rand(seed + bh, offsets) >= dropout_p
+def _dropout_keep(seed, bh, rows, cols, dropout_p):
+    # One Philox draw per element of the (batch, heads, seq_q, seq_k) probabilities: the counter
+    # is (col, row, batch * heads_q + head, 0) under the key ``seed``, unique for every element
+    # of a tensor (no 32-bit row * seq_k + col that wraps and repeats on long sequences), so
+    # backward regenerates exactly the forward's mask in whichever orientation it computes.
+    # ``rows`` and ``cols`` broadcast against each other ([M, 1] and [1, N], or transposed).
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    c0 = zero + cols.to(tl.uint32)
+    c1 = zero + rows.to(tl.uint32)
+    c2 = zero + bh.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit
@@ -58,14 +65,17 @@ def _attn_fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
+        # 64-bit: start_n * stride_kn passes 2^31 once one batch element spans 2^31 elements
+        k_off = start_n.to(tl.int64) * stride_kn
+        v_off = start_n.to(tl.int64) * stride_vn
         if MASKED:
             k = tl.load(
-                k_ptrs + start_n * stride_kn,
+                k_ptrs + k_off,
                 mask=(cols[:, None] < seqlen_k) & d_mask[None, :],
                 other=0.0,
             )
         else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[None, :], other=0.0)
+            k = tl.load(k_ptrs + k_off, mask=d_mask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -86,16 +96,16 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if MASKED:
             v = tl.load(
-                v_ptrs + start_n * stride_vn,
+                v_ptrs + v_off,
                 mask=(cols[:, None] < seqlen_k) & d_mask[None, :],
                 other=0.0,
             )
         else:
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs + v_off, mask=d_mask[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -111,9 +121,9 @@ def attn_fwd_kernel(
     Out,
     LSE,
     KPM,
+    Seed,
     qk_scale,
     dropout_p,
-    seed,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -145,14 +155,18 @@ def attn_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # One grid axis, query blocks fastest: axis 1 would cap batch * heads at 65,535
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks_m
+    pid_m = pid % n_blocks_m
     if IS_CAUSAL:
         # the last query blocks see the most keys: launch them first so the tail is short
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = n_blocks_m - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // num_heads_q
-    h = bh % num_heads_q
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b = (bh // num_heads_q).to(tl.int64)
+    h = (bh % num_heads_q).to(tl.int64)
     h_kv = h // GROUP
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -160,29 +174,33 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     row_mask = offs_m < seqlen_q
+    rows64 = offs_m.to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
 
     q_ptrs = (
         Q
-        + b.to(tl.int64) * stride_qb
+        + b * stride_qb
         + h * stride_qh
-        + offs_m[:, None] * stride_qm
+        + rows64[:, None] * stride_qm
         + offs_d[None, :] * stride_qd
     )
     k_ptrs = (
         K
-        + b.to(tl.int64) * stride_kb
+        + b * stride_kb
         + h_kv * stride_kh
-        + offs_n[:, None] * stride_kn
+        + offs_n[:, None].to(tl.int64) * stride_kn
         + offs_d[None, :] * stride_kd
     )
     v_ptrs = (
         V
-        + b.to(tl.int64) * stride_vb
+        + b * stride_vb
         + h_kv * stride_vh
-        + offs_n[:, None] * stride_vn
+        + offs_n[:, None].to(tl.int64) * stride_vn
         + offs_d[None, :] * stride_vd
     )
-    kpm_ptr = KPM + b.to(tl.int64) * stride_kpm_b
+    kpm_ptr = KPM + b * stride_kpm_b
 
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
@@ -282,9 +300,9 @@ def attn_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_mask)
     o_ptrs = (
         Out
-        + b.to(tl.int64) * stride_ob
+        + b * stride_ob
         + h * stride_oh
-        + offs_m[:, None] * stride_om
+        + rows64[:, None] * stride_om
         + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -293,21 +311,24 @@ def attn_fwd_kernel(
 @triton.jit
 def dropout_mask_kernel(
     Mask,
+    Seed,
     dropout_p,
-    seed,
     seqlen_q,
     seqlen_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Writes the keep-mask the kernels use for one (batch*head) slice: a test-only view."""
-    bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Writes the keep-mask the kernels draw, (batch * heads_q, seq_q, seq_k): a test-only view."""
+    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks_m
+    offs_m = (pid % n_blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = tl.load(Seed)
     base = Mask + bh.to(tl.int64) * seqlen_q * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, offs_m[:, None] * seqlen_k + cols[None, :], dropout_p)
-        ptrs = base + offs_m[:, None] * seqlen_k + cols[None, :]
+        keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+        ptrs = base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
         tl.store(
             ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
         )
