@@ -17,15 +17,18 @@ Mask forms, by what the attention function receives:
 2-D ``(batch, kv_len)``     bool key-padding mask (True = attend) over the first ``kv_len`` keys;
                             causal as the module says, bottom-right aligned to those keys; keys
                             from ``kv_len`` on (unused static-cache slots) are never attended
-4-D ``(batch, 1, 1, k)``    key padding without causality (bidirectional masks)
+4-D ``(batch, 1, 1, k)``    key padding without causality (bidirectional masks); bool: known from
+                            the shape, no value read; additive float: checked as below
 4-D ``(batch, 1, q, k)``    anything else, bool or additive float, with eager's meaning: checked
                             once per mask tensor for being key padding + causal, else eager runs
+                            (the check reads values: under torch.compile, a graph break)
 ==========================  ======================================================================
 
 The 2-D form is what transformers' own FlashAttention-2 mask function returns, so models that
 support FA2 already pass it through untouched. Our mask function returns the full 4-D mask only
-for patterns it cannot tell apart from the mask function's identity (sliding windows, chunks,
-packed sequences, or/and overlays); those cost O(seq_q * seq_k) once per forward, as in SDPA.
+for patterns that are not plain causal or bidirectional by its arguments (sliding windows and
+chunks narrower than the keys, packed sequences, or/and overlays); those cost O(seq_q * seq_k)
+once per forward, as in SDPA.
 """
 
 from __future__ import annotations
@@ -73,6 +76,30 @@ def _tracing() -> bool:
 
 
 # ---------------------------------------------------------------------------- mask function
+def _base_pattern(mask_function: Callable, kv_length: int, kwargs: dict) -> Callable | None:
+    """``causal_mask_function`` or ``bidirectional_mask_function`` when the call's pattern is that
+    one (before padding), else None.
+
+    Beyond the two functions themselves, this reads the arguments as transformers' own
+    ``sdpa_mask`` does when it skips building a mask: ``allow_is_causal_skip`` /
+    ``allow_is_bidirectional_skip`` say the pattern is causal / bidirectional without overlays
+    (or/and mask functions, packed sequences and blocks turn them off), restricted to a local
+    window (sliding window, chunk) of ``local_size`` keys, which changes nothing while
+    ``kv_length < local_size``. Sliding-window models thus need no (q, k) mask while the window
+    covers every key, and the decision reads no tensor, so it holds under torch.compile too.
+    """
+    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
+        return mask_function
+    local_size = kwargs.get("local_size")
+    if local_size is None or kv_length >= local_size:
+        return None
+    if kwargs.get("allow_is_causal_skip"):
+        return causal_mask_function
+    if kwargs.get("allow_is_bidirectional_skip"):
+        return bidirectional_mask_function
+    return None
+
+
 def attention_mask(
     batch_size: int,
     q_length: int,
@@ -87,8 +114,9 @@ def attention_mask(
 
     Called by transformers' ``create_causal_mask`` / ``create_bidirectional_mask`` /
     ``create_sliding_window_causal_mask`` with the same arguments as ``sdpa_mask``. Plain causal
-    and plain bidirectional masks are recognised by ``mask_function`` and never materialised as
-    (seq_q, seq_k); anything else is built by ``sdpa_mask``.
+    and plain bidirectional masks, and sliding windows that cover every key, are recognised from
+    the arguments (see :func:`_base_pattern`) and never materialised as (seq_q, seq_k); anything
+    else is built by ``sdpa_mask``.
 
     Arguments:
         batch_size, q_length, kv_length: sizes of the attention call.
@@ -97,6 +125,8 @@ def attention_mask(
         mask_function: transformers' mask pattern, (batch, head, q_idx, kv_idx) -> bool.
         attention_mask: (batch_size, >= kv_offset + kv_length or shorter) bool padding mask,
             True = real token; None without padding.
+        kwargs: the rest of ``sdpa_mask``'s arguments (``local_size``, ``allow_is_causal_skip``,
+            ``allow_is_bidirectional_skip``, ``device``, ...).
 
     Return:
         ``None``: causal, no padding, keys aligned to the queries (the common unpadded case).
@@ -113,14 +143,19 @@ def attention_mask(
             padding = nn.functional.pad(padding, (0, short))
         padding = padding[:, kv_offset : kv_offset + kv_length]
 
-    if mask_function is bidirectional_mask_function:
+    base = _base_pattern(mask_function, kv_length, kwargs)
+    if base is bidirectional_mask_function:
         # Never None: the module may be a causal decoder run bidirectionally
-        # (config.is_causal=False), and None would mean "causal as the module says".
-        if padding is None:
-            return torch.ones((batch_size, 1, 1, kv_length), dtype=torch.bool, device=device)
-        return padding[:, None, None, :]
+        # (config.is_causal=False), and None would mean "causal as the module says". The
+        # (batch, 1, 1, kv_length) bool form means key padding by its shape alone (kernel_mask
+        # reads no value of it); .all() syncs the host, so when compiling keep the padding.
+        if padding is not None and (_tracing() or not bool(padding.all())):
+            return padding[:, None, None, :]
+        unpadded = torch.ones((batch_size, 1, 1, kv_length), dtype=torch.bool, device=device)
+        _remember(unpadded, q_length, kv_length, KernelMask(None, False, kv_length))
+        return unpadded
 
-    if mask_function is causal_mask_function:
+    if base is causal_mask_function:
         # Query i (0-based in this call) sees keys j <= i + shift.
         shift = q_offset - kv_offset
         if not isinstance(shift, torch.Tensor) and shift == kv_length - q_length:
@@ -172,6 +207,10 @@ def _analyse_4d(mask: torch.Tensor, q_len: int, k_len: int) -> KernelMask | None
     """Express a 4-D (batch | 1, heads | 1, q_len | 1, k_len) mask as key padding + causal."""
     if mask.shape[-1] != k_len or mask.shape[-2] not in (1, q_len):
         return None
+    if mask.dtype == torch.bool and mask.shape[1:3] == (1, 1):
+        # Key padding by its shape alone (our mask function's bidirectional form): no value is
+        # read, so a compiled model keeps one graph.
+        return KernelMask(mask[:, 0, 0, :], False, k_len)
     if mask.dtype == torch.bool:
         allowed = mask
     else:
@@ -209,8 +248,20 @@ def _match(allowed: torch.Tensor, q_len: int, kv_len: int) -> KernelMask | None:
     return KernelMask(None if bool(kpm.all()) else kpm, causal, kv_len)
 
 
-# transformers hands the same mask tensor to every layer: analyse it once per forward.
+# transformers hands the same mask tensor to every layer: analyse it once per forward. The memo
+# holds the mask weakly and keeps only a compact copy of any padding row, never a view: a view
+# would keep a (batch, 1, seq, seq) mask allocated after the forward.
 _last_analysis: tuple[weakref.ref, int, int, int, KernelMask | None] | None = None
+
+
+def _remember(mask: torch.Tensor, q_len: int, k_len: int, result: KernelMask | None) -> None:
+    global _last_analysis
+    if _tracing() or mask.is_inference():
+        return
+    if result is not None and result.key_padding_mask is not None:
+        compact = result.key_padding_mask.clone(memory_format=torch.contiguous_format)
+        result = result._replace(key_padding_mask=compact)
+    _last_analysis = (weakref.ref(mask), mask._version, q_len, k_len, result)
 
 
 def kernel_mask(
@@ -227,7 +278,6 @@ def kernel_mask(
     Return:
         A :class:`KernelMask`, or None when the mask is not key padding + causal.
     """
-    global _last_analysis
     if attention_mask is None:
         return KernelMask(None, causal, k_len)
     if attention_mask.dim() == 2:
@@ -251,9 +301,8 @@ def kernel_mask(
         and memo[1:4] == (attention_mask._version, q_len, k_len)
     ):
         return memo[4]
-    result = _analyse_4d(attention_mask, q_len, k_len)
-    _last_analysis = (weakref.ref(attention_mask), attention_mask._version, q_len, k_len, result)
-    return result
+    _remember(attention_mask, q_len, k_len, _analyse_4d(attention_mask, q_len, k_len))
+    return _last_analysis[4]
 
 
 # ---------------------------------------------------------------------------- eager fallback
@@ -332,6 +381,25 @@ def _warn_once(reason: str) -> None:
 
 
 # ---------------------------------------------------------------------------- attention function
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's dtype while autocast is on for their device, else as given.
+
+    sdpa is on autocast's lower-precision list and transformers' FA2 path casts to the target
+    dtype; the kernels take the same route. It matters with float32 weights under autocast
+    (``Trainer(bf16=True)``): rotary embeddings multiply bf16 q/k by float32 cos/sin, so q and k
+    arrive in float32 while v is bf16. Like autocast, float64 is left alone (and runs eager).
+    """
+    device_type = tensors[0].device.type
+    if not (
+        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    ):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -346,7 +414,8 @@ def attention_forward(
 
     Grouped-query attention: ``heads_q`` must be a multiple of ``heads_kv``; K/V go to the kernels
     unexpanded. Causality comes from ``kwargs["is_causal"]`` if given, else ``module.is_causal``
-    (default True), and is bottom-right aligned, as decoding with a KV cache needs.
+    (default True), and is bottom-right aligned, as decoding with a KV cache needs. Under
+    autocast, query/key/value are cast to its dtype first (as sdpa's are), and so is the output.
 
     Arguments:
         module: the attention module (reads ``is_causal``, ``training``, ``sliding_window``).
@@ -363,6 +432,7 @@ def attention_forward(
         attn_output: (batch_size, seqlen_q, heads_q, head_dim), contiguous.
         attn_weights: None, or (batch_size, heads_q, seqlen_q, seqlen_k) when eager ran.
     """
+    query, key, value = _autocast_inputs(query, key, value)
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     q_len, k_len = query.shape[2], key.shape[2]

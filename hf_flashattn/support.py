@@ -11,10 +11,16 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers.utils import output_capturing
 
 from .kernels import INTERPRETING
 from .op import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+try:
+    # Private to transformers 5.x (the collector of hooked outputs, see _attentions_requested):
+    # a release without it must not stop hf_flashattn from importing.
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:
+    _active_collector = None
 
 SUPPORTED_FEATURES: dict[str, str] = {
     "dtypes": "float16, bfloat16 and float32 (query, key and value in one dtype)",
@@ -56,10 +62,9 @@ def _attentions_requested(kwargs: Mapping[str, object]) -> bool:
     if kwargs.get("output_attentions"):
         return True
     # Some models (GPT-2) swallow output_attentions before the attention call and collect the
-    # weights with hooks instead; transformers' collector (5.x, private, so looked up
-    # defensively) then holds an "attentions" list for the forward in flight.
-    collector = getattr(output_capturing, "_active_collector", None)
-    collected = collector.get() if collector is not None else None
+    # weights with hooks instead; transformers' collector then holds an "attentions" list for
+    # the forward in flight.
+    collected = _active_collector.get() if _active_collector is not None else None
     return isinstance(collected, dict) and "attentions" in collected
 
 

@@ -6,7 +6,10 @@ Tolerances: both sides compute in float32, so tiny_models.TOL (see there). Fallb
 very same eager function on the very same mask, so they ask for equality.
 """
 
+import importlib.util
+import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,19 +17,24 @@ import torch
 from tiny_models import (
     MODELS,
     TOL,
+    assert_within_torch_error,
+    bert,
     forward_backward,
     left_padded_prompts,
     llama,
     mistral,
     padded_batch,
+    token_losses,
 )
 from torch._dynamo.backends.registry import lookup_backend
 from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
 from transformers.masking_utils import (
     bidirectional_mask_function,
     causal_mask_function,
+    chunked_causal_mask_function,
     eager_mask,
     sdpa_mask,
+    sliding_window_bidirectional_mask_function,
     sliding_window_causal_mask_function,
 )
 from transformers.models.llama import modeling_llama
@@ -188,12 +196,31 @@ def test_gradient_checkpointing_reproduces_gradients(device, kernel_calls):
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
-def test_torch_compile_fullgraph(device):
-    """Dynamo captures the whole padded forward in one graph (no .item()/.all() on the mask),
-    with one kernel call per layer; AOT autograd traces it through the fake kernels."""
-    model = llama(device, IMPL)
+COMPILE_CASES = {
+    # name: (builder, config overrides, padded)
+    "llama, padded": (llama, {}, True),
+    # the window covers every key: plain causal, no (q, k) mask to read
+    "mistral, padded": (mistral, {"sliding_window": 16}, True),
+    "mistral, unpadded": (mistral, {"sliding_window": 16}, False),
+    # a causal decoder run bidirectionally
+    "llama is_causal=False, padded": (llama, {"is_causal": False}, True),
+    "llama is_causal=False, unpadded": (llama, {"is_causal": False}, False),
+    "bert, padded": (bert, {}, True),
+    "bert, unpadded": (bert, {}, False),
+}
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_torch_compile_fullgraph(case, device):
+    """Dynamo captures the whole forward in one graph (no .item()/.all() on the mask), with one
+    kernel call per layer; AOT autograd traces it through the fake kernels."""
+    build, overrides, padded = COMPILE_CASES[case]
+    model = build(device, **overrides)
     ids, mask, _ = padded_batch(device)
+    if not padded:
+        mask = torch.ones_like(mask)
     ref = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation(IMPL)
     graphs = []
 
     def recording_aot_eager(gm, example_inputs):
@@ -202,7 +229,9 @@ def test_torch_compile_fullgraph(device):
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=recording_aot_eager, fullgraph=True)
-    torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, ref, **TOL)
+    logits = compiled(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref[real], **TOL)
     assert (
         len(graphs) == 1
         and graphs[0].code.count("hf_flashattn.fwd") == model.config.num_hidden_layers
@@ -236,24 +265,60 @@ def _dense(form, q_len, k_len, device):
 PADDING = torch.tensor(
     [[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool
 )
+# The extra arguments transformers' create_causal_mask / create_bidirectional_mask /
+# create_sliding_window_causal_mask (and their bidirectional and chunked kin) pass.
+CAUSAL = {"allow_is_causal_skip": True}
+BIDIRECTIONAL = {"allow_is_causal_skip": False, "allow_is_bidirectional_skip": True}
+OVERLAID = {"allow_is_causal_skip": False}  # or/and mask functions, packed sequences
+
+
+def window(size, skips=CAUSAL):
+    return {"local_size": size, **skips}
+
+
+LEFT_PADS = torch.tensor([2, 0])  # PADDING's leading pads, as create_chunked_causal_mask counts
+SLIDING = sliding_window_causal_mask_function
+SLIDING_BIDIRECTIONAL = sliding_window_bidirectional_mask_function
 MASK_CASES = {
-    # name: (q_length, kv_length, q_offset, padding, mask_function, expected form)
-    "prefill, unpadded": (6, 6, 0, None, causal_mask_function, "none"),
-    "prefill, padded": (10, 10, 0, PADDING, causal_mask_function, "2d"),
-    "dynamic-cache decode": (1, 10, 9, PADDING, causal_mask_function, "2d"),
-    "dynamic-cache chunk": (3, 10, 7, PADDING, causal_mask_function, "2d"),
-    "static-cache prefill": (4, 10, 0, PADDING[:, :4], causal_mask_function, "2d short"),
-    "static-cache prefill, unpadded": (4, 10, 0, None, causal_mask_function, "2d short"),
-    "static-cache decode": (1, 10, torch.tensor(5), PADDING[:, :6], causal_mask_function, "2d"),
-    "bidirectional": (5, 10, 0, PADDING, bidirectional_mask_function, "key padding"),
-    "bidirectional, unpadded": (5, 10, 0, None, bidirectional_mask_function, "key padding"),
-    "sliding window": (10, 10, 0, PADDING, sliding_window_causal_mask_function(3), "4d"),
+    # name: (q_length, kv_length, q_offset, padding, mask_function, extra arguments, form)
+    "prefill, unpadded": (6, 6, 0, None, causal_mask_function, CAUSAL, "none"),
+    "prefill, padded": (10, 10, 0, PADDING, causal_mask_function, CAUSAL, "2d"),
+    "dynamic-cache decode": (1, 10, 9, PADDING, causal_mask_function, CAUSAL, "2d"),
+    "dynamic-cache chunk": (3, 10, 7, PADDING, causal_mask_function, CAUSAL, "2d"),
+    "static-cache prefill": (4, 10, 0, PADDING[:, :4], causal_mask_function, CAUSAL, "2d short"),
+    "static-cache prefill, unpadded": (4, 10, 0, None, causal_mask_function, CAUSAL, "2d short"),
+    "static-cache decode": (1, 10, torch.tensor(5), PADDING[:, :6], causal_mask_function, CAUSAL)
+    + ("2d",),
+    "bidirectional": (5, 10, 0, PADDING, bidirectional_mask_function, BIDIRECTIONAL, "key padding"),
+    "bidirectional, unpadded": (5, 10, 0, None, bidirectional_mask_function, BIDIRECTIONAL)
+    + ("key padding",),
+    "sliding window": (10, 10, 0, PADDING, SLIDING(3), window(3), "4d"),
+    "sliding window covering the keys": (10, 10, 0, PADDING, SLIDING(11), window(11), "2d"),
+    "sliding window covering, unpadded": (6, 6, 0, None, SLIDING(11), window(11), "none"),
+    "sliding window covering, decoding": (1, 10, 9, PADDING, SLIDING(11), window(11), "2d"),
+    "sliding window covering, overlaid": (
+        10,
+        10,
+        0,
+        PADDING,
+        SLIDING(11),
+        window(11, OVERLAID),
+        "4d",
+    ),
+    # sdpa_mask's own rule (kv_length < local_size) is one key short of exact here
+    "sliding window as wide as the keys": (10, 10, 0, PADDING, SLIDING(10), window(10), "4d"),
+    "bidirectional sliding window": (5, 10, 0, PADDING, SLIDING_BIDIRECTIONAL(3))
+    + (window(3, BIDIRECTIONAL), "4d"),
+    "bidirectional sliding window covering the keys": (5, 10, 0, PADDING)
+    + (SLIDING_BIDIRECTIONAL(11), window(11, BIDIRECTIONAL), "key padding"),
+    "chunks covering the keys": (10, 10, 0, PADDING, chunked_causal_mask_function(11, LEFT_PADS))
+    + (window(11), "2d"),
 }
 
 
 @pytest.mark.parametrize("case", MASK_CASES)
 def test_mask_function_is_cheap_and_means_what_sdpa_mask_means(case, device):
-    q_len, k_len, q_offset, padding, mask_function, expected = MASK_CASES[case]
+    q_len, k_len, q_offset, padding, mask_function, extra, expected = MASK_CASES[case]
     padding = None if padding is None else padding.to(device)
     args = dict(
         batch_size=2,
@@ -265,7 +330,7 @@ def test_mask_function_is_cheap_and_means_what_sdpa_mask_means(case, device):
         attention_mask=padding,
         device=device,
     )
-    form = integration.attention_mask(**args, allow_is_causal_skip=True, dtype=torch.float32)
+    form = integration.attention_mask(**args, **extra, dtype=torch.float32)
     kind = (
         "none"
         if form is None
@@ -276,7 +341,8 @@ def test_mask_function_is_cheap_and_means_what_sdpa_mask_means(case, device):
         else "4d"
     )
     assert kind == expected
-    want = sdpa_mask(**args, allow_is_causal_skip=False).expand(2, 1, q_len, k_len)
+    want = sdpa_mask(**args, local_size=extra.get("local_size"), allow_is_causal_skip=False)
+    want = want.expand(2, 1, q_len, k_len)
     assert torch.equal(_dense(form, q_len, k_len, device).expand(2, 1, q_len, k_len), want)
 
 
@@ -354,6 +420,36 @@ def test_4d_analysis_is_memoised_per_mask_tensor(device):
     assert kernel_mask(mask, True, 10, 10) is None
 
 
+def test_4d_bool_key_padding_is_known_from_its_shape(device):
+    """A (batch, 1, 1, k) bool mask is key padding whatever its values: compiled, kernel_mask
+    reads none of them (fullgraph would fail on a data-dependent branch)."""
+    padding = PADDING.to(device)
+    km = kernel_mask(padding[:, None, None, :], True, 5, 10)
+    assert not km.causal and km.kv_len == 10 and torch.equal(km.key_padding_mask, padding)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda m: kernel_mask(m, True, 5, 10).key_padding_mask, backend="eager", fullgraph=True
+    )
+    assert torch.equal(compiled(padding[:, None, None, :]), padding)
+
+
+@pytest.mark.parametrize("form", ["bool", "additive"])
+def test_4d_analysis_memo_keeps_only_a_copy_of_the_padding_row(form, device):
+    """Once the forward drops its (batch, 1, q, k) mask, nothing of that size stays allocated:
+    the memo keeps a compact copy of the padding row, never a view into the mask (or into the
+    bool mask made from an additive one)."""
+    mask = _eager_style(PADDING.to(device), 10, 10)
+    if form == "bool":
+        mask = mask == 0
+    storage = weakref.ref(mask.untyped_storage())
+    km = kernel_mask(mask, True, 10, 10)
+    assert km.causal and torch.equal(km.key_padding_mask, PADDING.to(device))
+    kept = integration._last_analysis[4].key_padding_mask
+    assert kept.untyped_storage().nbytes() == PADDING.numel()  # bool: a byte per key
+    del mask, km
+    assert storage() is None
+
+
 # ---------------------------------------------------------------------------- fallbacks
 def _assert_one_warning(caught, reason):
     messages = fallback_messages(caught)
@@ -417,10 +513,10 @@ def _float64(device, monkeypatch):
 
 
 def _cpu_without_interpreter(device, monkeypatch):
-    if device != "cpu":
-        pytest.skip("the 'device' reason concerns CPU tensors; this machine runs models on a GPU")
+    # On the CPU whatever the machine has: without the interpreter (a GPU machine never turns it
+    # on) CPU tensors are what the 'device' reason is about.
     monkeypatch.setattr(support, "INTERPRETING", False)
-    return llama(device)
+    return llama("cpu")
 
 
 @pytest.mark.parametrize(
@@ -429,7 +525,7 @@ def _cpu_without_interpreter(device, monkeypatch):
 )
 def test_fallback_model_level(reason, build, device, monkeypatch, fresh_warnings, kernel_calls):
     model = build(device, monkeypatch)
-    ids, mask, _ = padded_batch(device)
+    ids, mask, _ = padded_batch(model.device)
     _assert_falls_back(model, ids, mask, reason, fresh_warnings, kernel_calls)
 
 
@@ -468,3 +564,130 @@ def test_fallback_call_level(reason, kwargs, device, fresh_warnings, kernel_call
         assert_equal(out, ref)
     assert not kernel_calls
     _assert_one_warning(fresh_warnings, reason)
+
+
+# ---------------------------------------------------------------------------- autocast
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _record_kernel_dtypes(monkeypatch) -> list[tuple[torch.dtype, ...]]:
+    """The (q, k, v) dtypes of each flash_attn call the integration makes from here on."""
+    dtypes = []
+    inner = integration.flash_attn
+
+    def recording(q, k, v, **kwargs):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return inner(q, k, v, **kwargs)
+
+    monkeypatch.setattr(integration, "flash_attn", recording)
+    return dtypes
+
+
+def test_mixed_dtypes_run_eager_outside_autocast_and_the_kernels_under_it(
+    device, monkeypatch, fresh_warnings, kernel_calls
+):
+    """float32 q/k with a bf16 v (rotary embeddings on float32 weights under autocast): outside
+    autocast a real mismatch, so eager runs; under autocast all three are cast to its dtype,
+    as sdpa's inputs are, and so is the output."""
+    module = llama(device).model.layers[0].self_attn
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 4, 5, 16, device=device), torch.randn(2, 2, 5, 16, device=device)
+    v = torch.randn(2, 2, 5, 16, device=device, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):  # eager's own matmul refuses the mix
+        integration.attention_forward(module, q, k, v, None, scaling=0.25)
+    assert not kernel_calls
+    _assert_one_warning(fresh_warnings, "dtype")
+    dtypes = _record_kernel_dtypes(monkeypatch)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, _ = integration.attention_forward(module, q, k, v, None, scaling=0.25)
+    assert dtypes == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES.values(), ids=AUTOCAST_DTYPES.keys())
+def test_autocast_float32_weights_run_the_kernels_in_every_layer(
+    dtype, device, monkeypatch, fresh_warnings, kernel_calls
+):
+    """float32 weights under autocast: every layer runs the kernels in the autocast dtype, and
+    logits at real positions and each token's loss are within twice the error of eager's and
+    of sdpa's under the same autocast, against the float32 model without autocast
+    (test_integration_gpu.py's rule). In the interpreter bf16 is computed in float32."""
+    model = llama(device)
+    ids, mask, labels = padded_batch(device)
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        torch_logits = {}
+        for impl in ("eager", "sdpa"):
+            model.set_attn_implementation(impl)
+            with torch.autocast(device, dtype=dtype):
+                torch_logits[impl] = model(ids, attention_mask=mask).logits
+        assert not kernel_calls
+        model.set_attn_implementation(IMPL)
+        dtypes = _record_kernel_dtypes(monkeypatch)
+        with torch.autocast(device, dtype=dtype):
+            logits = model(ids, attention_mask=mask).logits
+
+    assert dtypes == [(dtype,) * 3] * model.config.num_hidden_layers
+    assert not fallback_messages(fresh_warnings)
+    assert_within_torch_error(
+        "logits", logits[real], ref[real], {i: x[real] for i, x in torch_logits.items()}
+    )
+    assert_within_torch_error(
+        "token losses",
+        token_losses(logits, labels),
+        token_losses(ref, labels),
+        {i: token_losses(x, labels) for i, x in torch_logits.items()},
+    )
+
+
+@pytest.mark.parametrize(
+    "precision",
+    # Trainer(fp16=True) needs a GPU: on the CPU it quietly trains in float32, no autocast
+    ["bf16", pytest.param("fp16", marks=pytest.mark.gpu)],
+)
+def test_trainer_mixed_precision_on_float32_weights_runs_the_kernels(
+    precision, device, tmp_path, monkeypatch, fresh_warnings, kernel_calls
+):
+    """Trainer(bf16=True) / (fp16=True) keeps float32 weights and runs forwards under autocast:
+    every step runs the kernels in every layer, in the autocast dtype."""
+    from transformers import Trainer, TrainingArguments
+
+    model = llama(device, IMPL).train()
+    ids, mask, labels = padded_batch("cpu")
+    rows = [
+        {"input_ids": i, "attention_mask": a, "labels": y}
+        for i, a, y in zip(ids, mask, labels, strict=True)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=len(rows),
+        use_cpu=device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        **{precision: True},
+    )
+    dtypes = _record_kernel_dtypes(monkeypatch)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+
+    layers = model.config.num_hidden_layers
+    assert dtypes == [(AUTOCAST_DTYPES[precision],) * 3] * (2 * layers)
+    assert not fallback_messages(fresh_warnings)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- private APIs
+def test_support_imports_without_transformers_output_capturing(monkeypatch):
+    """transformers.utils.output_capturing is private: a release without it must not stop the
+    import, and output_attentions=True still sends the call to eager."""
+    import transformers.utils
+
+    monkeypatch.delattr(transformers.utils, "output_capturing", raising=False)
+    monkeypatch.setitem(sys.modules, "transformers.utils.output_capturing", None)
+    spec = importlib.util.spec_from_file_location(
+        "hf_flashattn._support_without_output_capturing", support.__file__
+    )
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert not probe._attentions_requested({})
+    assert probe._attentions_requested({"output_attentions": True})

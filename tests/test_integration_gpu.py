@@ -25,8 +25,14 @@ import math
 
 import pytest
 import torch
-from attention_ref import assert_close_to_ref
-from tiny_models import forward_backward, gpt2, llama, padded_batch
+from tiny_models import (
+    assert_within_torch_error,
+    forward_backward,
+    gpt2,
+    llama,
+    padded_batch,
+    token_losses,
+)
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import hf_flashattn
@@ -35,7 +41,6 @@ pytestmark = pytest.mark.gpu
 
 IMPL = hf_flashattn.ATTN_IMPLEMENTATION
 TORCH_IMPLS = ("eager", "sdpa")
-FLOOR = 1e-3  # times max|reference|
 VOCAB = 2048
 SEQ = 512
 # (left, right) pad counts, one per row: the first left pad covers whole 128-key blocks, the last
@@ -81,24 +86,6 @@ def bf16_and_reference(family, device, **overrides):
     return model, reference
 
 
-def assert_within_torch_error(name, ours, ref, torch_results):
-    """max|ours - ref| <= 2 * max|torch_result - ref| + FLOOR * max|ref|, for every bf16 torch
-    attention's result; ours must be finite."""
-    assert torch.isfinite(ours).all(), f"{name}: not finite"
-    floor = FLOOR * ref.abs().max().item()
-    for impl, result in torch_results.items():
-        assert torch.isfinite(result).all(), f"{name}: bf16 {impl} is not finite, so no bound"
-        assert_close_to_ref(f"{name} (bound: bf16 {impl})", ours, ref, result, floor)
-
-
-def token_losses(logits, labels):
-    """The cross-entropy of each labelled token, in float32 (the loss is their mean)."""
-    labelled = labels[:, 1:] != -100
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1][labelled].float(), labels[:, 1:][labelled], reduction="none"
-    )
-
-
 @pytest.mark.parametrize("family", BUILD)
 def test_bf16_forward_backward_within_twice_torch_error(family, device, kernel_calls):
     """One forward and backward pass over the padded batch, with its loss."""
@@ -133,6 +120,41 @@ def test_bf16_forward_backward_within_twice_torch_error(family, device, kernel_c
             grads[name],
             ref_grads[name],
             {i: g[name] for i, g in torch_grads.items()},
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_forward_backward_within_twice_torch_error(dtype, device, kernel_calls):
+    """float32 weights under autocast, as Trainer(bf16=True) / (fp16=True) runs them: q/k leave
+    the rotary embedding in float32, v in the autocast dtype, and the kernels run in the latter.
+    Reference: the same float32 model without autocast."""
+    model = llama(device, **SIZES["llama"])
+    ids, mask, labels = padded_batch(device, SEQ, PADDING, VOCAB)
+    ref_logits, _, ref_grads = forward_backward(model, ids, mask, labels)
+    results = {}
+    for impl in (*TORCH_IMPLS, IMPL):
+        model.set_attn_implementation(impl)
+        with torch.autocast(device, dtype=dtype):
+            results[impl] = forward_backward(model, ids, mask, labels)
+    logits, _, grads = results.pop(IMPL)
+
+    assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
+    real = mask.bool()
+    assert_within_torch_error(
+        "logits", logits[real], ref_logits[real], {i: r[0][real] for i, r in results.items()}
+    )
+    assert_within_torch_error(
+        "token losses",
+        token_losses(logits, labels),
+        token_losses(ref_logits, labels),
+        {i: token_losses(r[0], labels) for i, r in results.items()},
+    )
+    for name in ref_grads:
+        assert_within_torch_error(
+            f"grad {name}",
+            grads[name],
+            ref_grads[name],
+            {i: r[2][name] for i, r in results.items()},
         )
 
 

@@ -7,7 +7,10 @@ weights; keyword overrides go to the config's constructor (derived fields such a
 """
 
 import torch
+from attention_ref import assert_close_to_ref
 from transformers import (
+    BertConfig,
+    BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -52,6 +55,21 @@ _GPT2 = dict(
 )
 
 
+# A bidirectional encoder: attention through AttentionInterface, masks from
+# create_bidirectional_mask.
+_BERT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
 def _build(model_class, config, device, impl: str) -> PreTrainedModel:
     torch.manual_seed(0)
     model = model_class(config).to(device).eval()
@@ -72,6 +90,11 @@ def mistral(device, impl: str = "eager", **overrides) -> MistralForCausalLM:
 def gpt2(device, impl: str = "eager", **overrides) -> GPT2LMHeadModel:
     """A random 2-layer GPT-2 without dropout unless overridden, attention scaled per layer."""
     return _build(GPT2LMHeadModel, GPT2Config(**(_GPT2 | overrides)), device, impl)
+
+
+def bert(device, impl: str = "eager", **overrides) -> BertForMaskedLM:
+    """A random 2-layer BERT encoder with its masked-LM head, without dropout unless overridden."""
+    return _build(BertForMaskedLM, BertConfig(**(_BERT | overrides)), device, impl)
 
 
 MODELS = {"llama": llama, "gpt2": gpt2}
@@ -110,3 +133,26 @@ def forward_backward(model, ids, mask, labels):
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), out.loss.detach(), grads
+
+
+# Model-level rule for low-precision runs (test_integration_gpu.py explains it): at most twice the
+# error of each torch attention in the same precision, plus this times max|reference|.
+FLOOR = 1e-3
+
+
+def assert_within_torch_error(name, ours, ref, torch_results):
+    """max|ours - ref| <= 2 * max|torch_result - ref| + FLOOR * max|ref|, for every torch
+    attention's result in ``torch_results`` (name -> tensor); ours must be finite."""
+    assert torch.isfinite(ours).all(), f"{name}: not finite"
+    floor = FLOOR * ref.abs().max().item()
+    for impl, result in torch_results.items():
+        assert torch.isfinite(result).all(), f"{name}: {impl} is not finite, so no bound"
+        assert_close_to_ref(f"{name} (bound: {impl})", ours, ref, result, floor)
+
+
+def token_losses(logits, labels):
+    """The cross-entropy of each labelled token, in float32 (the loss is their mean)."""
+    labelled = labels[:, 1:] != -100
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1][labelled].float(), labels[:, 1:][labelled], reduction="none"
+    )
