@@ -24,6 +24,8 @@ except ImportError:
 
 SUPPORTED_FEATURES: dict[str, str] = {
     "dtypes": "float16, bfloat16 and float32 (query, key and value in one dtype)",
+    "mixed precision": "under torch.autocast (Trainer(bf16=True) / (fp16=True)) the kernels run "
+    "in the autocast dtype, as sdpa does",
     "head sizes": f"1 to {MAX_HEAD_DIM}",
     "grouped-query / multi-query attention": "query heads a multiple of key/value heads; "
     "K/V are never copied",
@@ -35,7 +37,9 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "sliding window": "only while the window covers every key (otherwise: eager)",
     "dropout": "on the attention probabilities, drawn inside the kernel",
     "training": "forward and backward kernels; gradient checkpointing",
-    "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd)",
+    "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd); "
+    "causal, bidirectional and sliding-window (window covering the keys) models, padded or not, "
+    "compile with fullgraph=True",
     "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), "
     "for tests",
 }
@@ -44,7 +48,8 @@ SUPPORTED_FEATURES: dict[str, str] = {
 FALLBACK_REASONS: dict[str, str] = {
     "output_attentions": "output_attentions=True: the kernels never materialise the attention "
     "weights",
-    "dtype": "query/key/value dtype is not one of float16, bfloat16, float32, or they differ",
+    "dtype": "query/key/value dtype is not one of float16, bfloat16, float32, or they differ "
+    "outside autocast",
     "head_size": f"head size above {MAX_HEAD_DIM}, or value head size differs from query/key "
     "head size",
     "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before "
