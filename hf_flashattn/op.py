@@ -538,17 +538,29 @@ def flash_attn(
 
 
 def dropout_keep_mask(
-    seed, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, dropout_p: float, device
+    seed,
+    batch: int,
+    heads_q: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    dropout_p: float,
+    device,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Test-only hook: the (batch, heads_q, seqlen_q, seqlen_k) bool keep-mask the kernels
-    draw for ``seed`` (what ``_new_seed`` returns, or an int). Materialises N x N: for checking
-    dropout, never for the hot path."""
+    draw for ``seed`` (what ``_new_seed`` returns, or an int). With ``rows`` (1-D int64 query
+    row indices) only those rows: (batch, heads_q, len(rows), seqlen_k), the others never
+    drawn. Materialises rows x seq_k: for checking dropout, never for the hot path."""
     if not isinstance(seed, torch.Tensor):
         seed = torch.tensor([seed], dtype=torch.int64)
     seed = seed.to(device)
-    mask = torch.empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
+    if rows is None:
+        rows = torch.arange(seqlen_q, device=device)
+    rows = rows.to(device=device, dtype=torch.int64).contiguous()
+    n_rows = rows.numel()
+    mask = torch.empty((batch, heads_q, n_rows, seqlen_k), dtype=torch.int8, device=device)
     block = 64 if INTERPRETING else 128
-    dropout_mask_kernel[(triton_cdiv(seqlen_q, block) * batch * heads_q,)](
-        mask, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M=block, BLOCK_N=block
+    dropout_mask_kernel[(triton_cdiv(n_rows, block) * batch * heads_q,)](
+        mask, seed, rows, dropout_p, n_rows, seqlen_k, BLOCK_M=block, BLOCK_N=block
     )
     return mask.bool()

@@ -127,9 +127,58 @@ def test_gradients_deterministic(device):
         assert torch.equal(a, b)
 
 
+# ------------------------------------------------------------------------------- lse gradient
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_gradient(device, causal):
+    """A loss of out and lse: d lse_i / d s_ij = p_ij reaches q and k (and nothing reaches v
+    through lse). Batch 1 has every key padded: its lse is -inf and its gradients are 0, and
+    the seq_q > seq_k causal rows that see no key are -inf too; never NaN."""
+    dtype = torch.float16
+    seqlen_q, seqlen_k = 130, 97  # several query blocks; causal rows 0..32 see no key
+    q, k, v = _inputs(device, dtype, 3, 4, 2, seqlen_q, seqlen_k, 64)
+    mask = torch.ones(3, seqlen_k, dtype=torch.bool)
+    mask[1] = False
+    mask[2, 50:] = False
+    mask = mask.to(device)
+    w_out = torch.randn(q.shape, device=device, dtype=torch.float64)
+    w_lse = torch.randn(3, 4, seqlen_q, device=device, dtype=torch.float64)
+
+    def loss(out, lse):
+        # -inf rows of lse weighted by 0 through where(): finite loss, dlse = 0 there
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
+
+    kw = dict(causal=causal, key_padding_mask=mask)
+    out, lse = flash_attn(q, k, v, return_lse=True, **kw)
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref_grads = torch.autograd.grad(loss(*attention_ref(q, k, v, **kw)), (q, k, v))
+    lowp_grads = torch.autograd.grad(loss(*attention_ref(q, k, v, upcast=False, **kw)), (q, k, v))
+    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
+        assert_close_to_ref(name, g, r, lp, FLOOR[dtype] * 10 * max(1.0, r.abs().max().item()))
+    assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1])), "fully padded: dq = 0"
+    if causal:
+        assert torch.equal(grads[0][:, :, :33], torch.zeros_like(grads[0][:, :, :33]))
+
+
+def test_lse_gradient_alone(device):
+    """Only lse used (out's gradient is None): d(lse.sum())/dq = sum_j p_ij k_j * scale, and
+    v gets zeros. The bug this guards: dlse dropped, so dq came out 0."""
+    q, k, v = _inputs(device, torch.float32, 1, 2, 2, 70, 70, 32)
+    _, lse = flash_attn(q, k, v, causal=True, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(lse.sum(), (q, k, v))
+    _, lse_ref = attention_ref(q, k, v, causal=True)
+    dq_ref, dk_ref = torch.autograd.grad(lse_ref.sum(), (q, k))
+    _, lse_lowp = attention_ref(q, k, v, causal=True, upcast=False)
+    dq_lowp, dk_lowp = torch.autograd.grad(lse_lowp.sum(), (q, k))
+    assert dq_ref.abs().max() > 0.1
+    assert_close_to_ref("dq", dq, dq_ref, dq_lowp, 1e-4)
+    assert_close_to_ref("dk", dk, dk_ref, dk_lowp, 1e-4)
+    assert torch.equal(dv, torch.zeros_like(dv))
+
+
 # ------------------------------------------------------------------------------- dropout
-def _dropout_inputs(device):
-    return _inputs(device, torch.float16, 2, 2, 1, 64, 96, 32)
+def _dropout_inputs(device, seqlen_q=64):
+    return _inputs(device, torch.float16, 2, 2, 1, seqlen_q, 96, 32)
 
 
 def test_dropout_seeded(device):
@@ -161,13 +210,16 @@ def test_dropout_mean_approaches_no_dropout(device):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_gradients_match_reference_with_kernel_mask(device, causal):
-    q, k, v = _dropout_inputs(device)
+@pytest.mark.parametrize("seqlen_q", [64, 130])
+def test_dropout_gradients_match_reference_with_kernel_mask(device, causal, seqlen_q):
+    """seq_q 130 spans several query blocks in every config: a keep mask drawn with
+    block-local rows in one pass (forward, dK/dV or dQ) differs from the others there."""
+    q, k, v = _dropout_inputs(device, seqlen_q)
     p = 0.25
     torch.manual_seed(7)
     out = flash_attn(q, k, v, dropout_p=p, causal=causal)
     torch.manual_seed(7)
-    keep = dropout_keep_mask(_new_seed(device), 2, 2, 64, 96, p, device)
+    keep = dropout_keep_mask(_new_seed(device), 2, 2, seqlen_q, 96, p, device)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     kw = dict(causal=causal, dropout_keep=keep, dropout_p=p)
@@ -178,6 +230,88 @@ def test_dropout_gradients_match_reference_with_kernel_mask(device, causal):
     assert_close_to_ref("out", out, ref, lowp, 1e-4)
     for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
         assert_close_to_ref(name, g, r, lp, 1e-3 * max(1.0, r.abs().max().item()))
+
+
+def test_dropout_keep_mask_rows(device):
+    """The hook's row selection draws the same rows as the full mask."""
+    seed = _new_seed(device)
+    full = dropout_keep_mask(seed, 2, 3, 100, 70, 0.4, device)
+    rows = torch.tensor([99, 0, 64, 63])
+    part = dropout_keep_mask(seed, 2, 3, 100, 70, 0.4, device, rows=rows)
+    assert torch.equal(part, full[:, :, rows.to(device)])
+
+
+# ------------------------------------------------------------------------------- GPU configs
+def _config_cases():
+    from hf_flashattn.kernels.configs import KernelConfig, gpu_configs
+
+    cases = {f"gpu_d{d}": cfgs for d, cfgs in gpu_configs().items()}
+    # the extreme aspect ratios the step-down and future tables may reach
+    tall, wide = KernelConfig(128, 16, 4, 1), KernelConfig(16, 128, 4, 1)
+    cases["tall"] = dict(fwd=tall, dkdv=wide, dq=tall)
+    cases["wide"] = dict(fwd=wide, dkdv=tall, dq=wide)
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_config_cases()))
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_block_configs(device, case, causal):
+    """Every block config the GPU runs, forced through whichever backend is here (on the CPU:
+    the interpreter, whose own config is 64 x 64): ragged sequences, GQA, padding, dropout."""
+    from hf_flashattn.op import forced_configs
+
+    with forced_configs(**_config_cases()[case]):
+        q, k, v = _inputs(device, torch.float16, 2, 4, 2, 97, 130, 64)
+        mask = torch.ones(2, 130, dtype=torch.bool)
+        mask[1, 100:] = False
+        _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
+        # dropout's backward regenerates the forward's mask in both passes
+        q, k, v = _dropout_inputs(device, 130)
+        torch.manual_seed(11)
+        out = flash_attn(q, k, v, dropout_p=0.3, causal=causal)
+        torch.manual_seed(11)
+        keep = dropout_keep_mask(_new_seed(device), 2, 2, 130, 96, 0.3, device)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    kw = dict(causal=causal, dropout_keep=keep, dropout_p=0.3)
+    ref, _ = attention_ref(q, k, v, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
+    lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
+    lowp_grads = torch.autograd.grad(lowp, (q, k, v), dout)
+    assert_close_to_ref("out", out, ref, lowp, 1e-4)
+    for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
+        assert_close_to_ref(name, g, r, lp, 1e-3 * max(1.0, r.abs().max().item()))
+
+
+# ------------------------------------------------------------------------------- layout
+def test_layout_bshd_takes_flash_attn_layout_without_copies(device):
+    """layout="bshd" reads (batch, seq, heads, dim) as given (no copy: the kernels take
+    strides) and returns out in that layout; lse stays (batch, heads, seq)."""
+    q, k, v = _inputs(device, torch.float16, 2, 4, 2, 65, 80, 64, layout="bshd")
+    q_bshd, k_bshd, v_bshd = (t.transpose(1, 2) for t in (q, k, v))
+    assert q_bshd.is_contiguous()
+    out, lse = flash_attn(q_bshd, k_bshd, v_bshd, causal=True, layout="bshd", return_lse=True)
+    out_ref, lse_ref = flash_attn(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q_bshd.shape and out.is_contiguous()
+    assert torch.equal(out, out_ref.transpose(1, 2)) and torch.equal(lse, lse_ref)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q_bshd, k_bshd, v_bshd), dout)
+    grads_ref = torch.autograd.grad(out_ref, (q, k, v), dout.transpose(1, 2))
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert torch.equal(g, r.transpose(1, 2))
+
+
+def test_layout_mixup_is_caught_where_shapes_tell(device):
+    """Shapes cannot always tell the layouts apart (self-attention reads as valid either way),
+    but e.g. 12 queries against a 16-key cache in the wrong layout break the heads rule, and
+    the error then names the layout it assumed."""
+    q = torch.randn(2, 12, 6, 32, device=device, dtype=torch.float16)  # (b, s, h, d)
+    k = torch.randn(2, 16, 2, 32, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="layout='bhsd'"):
+        flash_attn(q, k, k)
+    assert flash_attn(q, k, k, layout="bshd").shape == q.shape
+    with pytest.raises(ValueError, match="layout"):
+        flash_attn(q, k, k, layout="bsdh")
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -243,6 +377,33 @@ def test_gpu_odd_head_dims(device, head_dim, dtype):
 def test_gpu_long_sequence_bf16(device, causal):
     q, k, v = _inputs(device, torch.bfloat16, 1, 4, 2, 16384, 16384, 128)
     _check(device, torch.bfloat16, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_runs_on_the_device_of_q_whatever_is_current():
+    """Triton launches on the current device: with cuda:0 current and q on cuda:1, the kernels
+    must still run on cuda:1 (and on its current stream), forward and backward, and leave
+    cuda:0 current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs; this machine has {torch.cuda.device_count()}")
+    dev = "cuda:1"
+    q, k, v = _inputs(dev, torch.float16, 2, 4, 2, 300, 300, 64)
+    dout = torch.randn(q.shape, device=dev, dtype=q.dtype)
+    with torch.cuda.device(1):
+        expected = flash_attn(q, k, v, causal=True)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+    with torch.cuda.device(0):
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            out = flash_attn(q, k, v, causal=True)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(dev)
+    assert out.device == q.device
+    assert torch.equal(out, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert torch.equal(g, e)
 
 
 # ------------------------------------------------------------------------------- launching

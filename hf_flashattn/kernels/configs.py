@@ -73,3 +73,17 @@ def bwd_dkdv_config(head_dim: int, interpreting: bool) -> KernelConfig:
 
 def bwd_dq_config(head_dim: int, interpreting: bool) -> KernelConfig:
     return _INTERPRETER if interpreting else _pick(_BWD_DQ_GPU, head_dim)
+
+
+def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
+    """Per head_dim bucket (its largest head_dim), the GPU config of each kernel: what the
+    CPU tests force through the interpreter (``op.forced_configs``), so that the block shapes
+    the GPU runs are checked for indexing and masking on every machine."""
+    return {
+        max_dim: {
+            "fwd": fwd_config(max_dim, False),
+            "dkdv": bwd_dkdv_config(max_dim, False),
+            "dq": bwd_dq_config(max_dim, False),
+        }
+        for max_dim, _ in _FWD_GPU
+    }

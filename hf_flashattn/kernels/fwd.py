@@ -312,23 +312,26 @@ def attn_fwd_kernel(
 def dropout_mask_kernel(
     Mask,
     Seed,
+    Rows,
     dropout_p,
-    seqlen_q,
+    n_rows,
     seqlen_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Writes the keep-mask the kernels draw, (batch * heads_q, seq_q, seq_k): a test-only view."""
-    n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
+    """Writes the keep-mask the kernels draw at query rows ``Rows`` (int64, n_rows of them),
+    as (batch * heads_q, n_rows, seq_k) int8: a test-only view."""
+    n_blocks_m = tl.cdiv(n_rows, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // n_blocks_m
     offs_m = (pid % n_blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(Rows + offs_m, mask=offs_m < n_rows, other=0)
     seed = tl.load(Seed)
-    base = Mask + bh.to(tl.int64) * seqlen_q * seqlen_k
+    base = Mask + bh.to(tl.int64) * n_rows * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
         ptrs = base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
         tl.store(
-            ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+            ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < n_rows) & (cols[None, :] < seqlen_k)
         )
