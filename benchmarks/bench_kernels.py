@@ -45,7 +45,7 @@ TOKENS = 32768  # batch * seq_len, fixed across shapes
 MODEL_DIM = 2048  # heads * head_dim, fixed across shapes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
-PEERS = ("ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager")
+PEERS = ("ours", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager")
 # Eager holds N x N tensors. Bytes per score element at its peak: forward keeps the scores,
 # fp32 and bf16 probabilities; forward + backward also their gradients (16 B matches the
 # 65 GiB BENCHMARKS.md measured at D=64, N=4k).
@@ -125,6 +125,8 @@ def make_peer(name: str) -> Peer:
         from hf_flashattn import flash_attn
 
         return Peer(lambda q, k, v, causal: flash_attn(q, k, v, causal=causal))
+    if name == "sdpa":  # default dispatch: what transformers' sdpa gets (cuDNN on the H100)
+        return Peer(sdpa)
     if name.startswith("sdpa_"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -364,7 +366,21 @@ def merge(datas: list[dict]) -> dict:
     for data in datas:
         runs += data["runs"]
         results.update((record_key(r), r) for r in data["results"])
-    return {"kind": "kernels", "runs": runs, "results": list(results.values())}
+    results = list(results.values())
+    return {"kind": "kernels", "runs": runs, "results": results, "ratios_vs_sdpa": ratios(results)}
+
+
+def ratios(results: list[dict]) -> dict:
+    """{"kernel/<dtype>/d<D>/<causal|full>/n<N>/<mode>": sdpa_ms / our_ms}, sdpa = default
+    dispatch (> 1: we are faster)."""
+    out = {}
+    for r in results:
+        ours, sdpa_ = r["peers"].get("ours", {}), r["peers"].get("sdpa", {})
+        if ours.get("ms") and sdpa_.get("ms"):
+            kind = "causal" if r["causal"] else "full"
+            key = f"kernel/{r['dtype']}/d{r['head_dim']}/{kind}/n{r['seq_len']}/{r['mode']}"
+            out[key] = sdpa_["ms"] / ours["ms"]
+    return out
 
 
 def run(args, out: Path, start: float) -> tuple[dict, bool]:
@@ -398,6 +414,7 @@ def run(args, out: Path, start: float) -> tuple[dict, bool]:
         t = time.monotonic()
         records = bench_shape(peers, dtype_name, head_dim, causal, seq_len, todo)
         data["results"] += records
+        data["ratios_vs_sdpa"] = ratios(data["results"])
         write_json(out, data)
         summary = ", ".join(
             f"{r['mode']} ours {r['peers'].get('ours', {}).get('tflops', 0):.0f}"

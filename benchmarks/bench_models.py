@@ -204,6 +204,23 @@ def format_table(rows: list[dict], label, columns: list[tuple[str, str, str]]) -
     return "\n".join(lines + notes)
 
 
+def ratios_vs_sdpa(data: dict) -> dict:
+    """{"model/train/<model>": ours tokens/s / sdpa's (= sdpa_time / our_time), and
+    "model/decode/<model>/b<batch>_p<prompt>"} (> 1: we are faster)."""
+    out = {}
+    for part in ("train", "decode"):
+        rows = data.get(part, [])
+
+        def label(r, part=part):
+            return r["model"] if part == "train" else f"{r['model']}/b{r['batch']}_p{r['prompt']}"
+
+        sdpa = {label(r): r.get("tokens_per_s") for r in rows if r["impl"] == "sdpa"}
+        for r in rows:
+            if r["impl"] == OURS and r.get("tokens_per_s") and sdpa.get(label(r)):
+                out[f"model/{part}/{label(r)}"] = r["tokens_per_s"] / sdpa[label(r)]
+    return out
+
+
 def report(data: dict) -> str:
     train = format_table(
         data["train"],
@@ -310,6 +327,7 @@ def main(argv=None) -> int:
                         result["error"] = error_string(exc)
                 release()
                 data["train"].append(result)
+                data["ratios_vs_sdpa"] = ratios_vs_sdpa(data)
                 write_json(args.out, data)
                 print(
                     f"[{time.monotonic() - start:4.0f}s] train {name} {impl}: "
@@ -348,6 +366,7 @@ def main(argv=None) -> int:
                     ]
             release()
             data["decode"] += results
+            data["ratios_vs_sdpa"] = ratios_vs_sdpa(data)
             write_json(args.out, data)
             print(
                 f"[{time.monotonic() - start:4.0f}s] decode {impl}: "
