@@ -210,6 +210,23 @@ COMPILE_CASES = {
 }
 
 
+def compile_fullgraph(model) -> tuple[torch.nn.Module, list[torch.fx.GraphModule]]:
+    """``model`` compiled with fullgraph=True by aot_eager, and the list of graphs it captures."""
+    graphs = []
+
+    def recording_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=recording_aot_eager, fullgraph=True), graphs
+
+
+def assert_one_graph_calling_the_kernels(graphs, model):
+    assert len(graphs) == 1
+    assert graphs[0].code.count("hf_flashattn.fwd") == model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("case", COMPILE_CASES)
 def test_torch_compile_fullgraph(case, device):
     """Dynamo captures the whole forward in one graph (no .item()/.all() on the mask), with one
@@ -221,21 +238,24 @@ def test_torch_compile_fullgraph(case, device):
         mask = torch.ones_like(mask)
     ref = model(ids, attention_mask=mask).logits
     model.set_attn_implementation(IMPL)
-    graphs = []
-
-    def recording_aot_eager(gm, example_inputs):
-        graphs.append(gm)
-        return lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=recording_aot_eager, fullgraph=True)
+    compiled, graphs = compile_fullgraph(model)
     logits = compiled(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref[real], **TOL)
-    assert (
-        len(graphs) == 1
-        and graphs[0].code.count("hf_flashattn.fwd") == model.config.num_hidden_layers
-    )
+    assert_one_graph_calling_the_kernels(graphs, model)
+
+
+def test_torch_compile_fullgraph_under_autocast(device):
+    """Trainer(bf16=True, torch_compile=True): the casts to autocast's dtype trace into the one
+    graph, and the compiled model computes what the uncompiled one does."""
+    model = llama(device, IMPL)
+    ids, mask, _ = padded_batch(device)
+    compiled, graphs = compile_fullgraph(model)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = model(ids, attention_mask=mask).logits
+        logits = compiled(ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, ref)  # bf16's default tolerance: same ops, same order
+    assert_one_graph_calling_the_kernels(graphs, model)
 
 
 @pytest.mark.slow
