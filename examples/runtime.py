@@ -14,7 +14,6 @@ import sysconfig
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # Real English text that ships with the machine: Debian/Ubuntu's GPL-3 (35 kB), else CPython's
 # own LICENSE.txt, which every CPython install carries.
@@ -69,17 +68,30 @@ def is_interpreting() -> bool:
     return INTERPRETING
 
 
-class KernelCalls(TorchDispatchMode):
-    """Counts calls of hf_flashattn's forward custom op (``hf_flashattn::fwd``) while active."""
+class KernelCalls:
+    """Counts, while active, the calls of hf_flashattn.flash_attn that the transformers hook
+    (``hf_flashattn.integration``) makes: one per attention layer that ran the kernels.
 
-    def __init__(self):
-        super().__init__()
+    The hook's reference to flash_attn is wrapped, not the op: eager calls run the kernels
+    through an autograd Function and only compiled graphs through the custom op, so neither a
+    dispatch mode on ``hf_flashattn::fwd`` nor anything below the hook sees every call.
+    """
+
+    def __enter__(self) -> KernelCalls:
+        from hf_flashattn import integration
+
         self.count = 0
+        self._integration, self._flash_attn = integration, integration.flash_attn
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.name() == "hf_flashattn::fwd":
+        def counting(*args, **kwargs):
             self.count += 1
-        return func(*args, **(kwargs or {}))
+            return self._flash_attn(*args, **kwargs)
+
+        integration.flash_attn = counting
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._integration.flash_attn = self._flash_attn
 
 
 def attention_path(model, attn_implementation: str, forward) -> str:

@@ -22,6 +22,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 REL_TOL = 5e-3 if torch.cuda.is_available() else 1e-5
 # float32 everywhere: the tolerance above assumes it
 FLOAT32 = ["--dtype", "float32"]
+# the "path" the examples report for triton_attention when the kernels ran in every layer
+KERNEL_PATHS = ("Triton interpreter (CPU)", "compiled Triton (GPU)")
 ACCELERATE_LAUNCH = (
     "-m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no "
     "--dynamo_backend no"
@@ -127,7 +129,7 @@ def test_compare_perplexity_tiny_llama(tiny_llama, text_file, tmp_path):
     rows = {r["attn_implementation"]: r for r in report["results"]}
     assert list(rows) == ["eager", "sdpa", "triton_attention"] and report["tokens"] == 160
     assert_agree({name: r["perplexity"] for name, r in rows.items()}, "perplexity")
-    assert rows["triton_attention"]["path"] in ("Triton interpreter (CPU)", "compiled Triton (GPU)")
+    assert rows["triton_attention"]["path"] in KERNEL_PATHS
     assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows.values())
     assert "triton_attention" in stdout and "perplexity" in stdout
 
@@ -164,4 +166,17 @@ def test_finetune(launcher, text_file, tmp_path):
         assert_agree(
             {name: r["losses"][step][1] for name, r in runs.items()}, f"loss at step {step + 1}"
         )
+    assert runs["triton_attention"]["path"] in KERNEL_PATHS
     assert (out_dir / "loss.png").stat().st_size > 0
+
+
+@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py")
+def test_finetune_bf16_mixed_precision_runs_the_kernels(text_file, tmp_path):
+    """--dtype bfloat16 trains float32 weights under autocast (Trainer(bf16=True)): the kernels
+    still run in every layer, not eager attention."""
+    out_dir = tmp_path / "run"
+    flags = "--attn triton_attention --max-steps 1 --seq-len 64 --batch-size 2".split()
+    flags += ["--dtype", "bfloat16", "--text", str(text_file), "--out-dir", str(out_dir)]
+    run([str(EXAMPLES / "finetune.py"), *flags], cwd=tmp_path)
+    (result,) = json.loads((out_dir / "summary.json").read_text())["runs"]
+    assert result["path"] in KERNEL_PATHS and math.isfinite(result["final_loss"])

@@ -3,7 +3,8 @@ models (fp32, CPU through Triton's interpreter, or a GPU); bf16 on larger models
 test_integration_gpu.py.
 
 Tolerances: both sides compute in float32, so tiny_models.TOL (see there). Fallback tests run the
-very same eager function on the very same mask, so they ask for equality.
+very same eager function on the very same mask, so they ask for equality. Under autocast, the
+low-precision rule of tiny_models.assert_within_torch_error against the float32 model.
 """
 
 import importlib.util
