@@ -32,6 +32,9 @@ if str(REPO) not in sys.path:
 
 # ---------------------------------------------------------------------------- metadata
 def _git_commit() -> str:
+    # A copy of the tree (the GPU machine's) may carry a stale .git: the caller's word wins.
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"],

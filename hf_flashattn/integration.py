@@ -211,6 +211,11 @@ def _analyse_4d(mask: torch.Tensor, q_len: int, k_len: int) -> KernelMask | None
         # Key padding by its shape alone (our mask function's bidirectional form): no value is
         # read, so a compiled model keeps one graph.
         return KernelMask(mask[:, 0, 0, :], False, k_len)
+    if _tracing():
+        # What remains needs the mask's values (a (q, k) pattern built by another
+        # implementation's mask function, e.g. a model loaded with sdpa and then patched, under
+        # transformers 5.17): reading them would break the graph, so eager attention runs.
+        return None
     if mask.dtype == torch.bool:
         allowed = mask
     else:
@@ -373,7 +378,9 @@ _warned: set[str] = set()
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned:
+    # warnings.warn breaks a compiled graph (fullgraph=True fails on it): while tracing, stay
+    # silent; the same model run uncompiled names the reason.
+    if reason not in _warned and not _tracing():
         _warned.add(reason)
         warnings.warn(
             f"hf_flashattn: running eager attention: {reason}", EagerFallbackWarning, stacklevel=3
@@ -390,9 +397,9 @@ def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     arrive in float32 while v is bf16. Like autocast, float64 is left alone (and runs eager).
     """
     device_type = tensors[0].device.type
-    if not (
-        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    ):
+    # Only the kernels' devices: asking about others raises. (torch.amp.is_autocast_available
+    # would say so too, but dynamo on torch 2.11 cannot trace it and breaks the graph there.)
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(

@@ -38,6 +38,13 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETING and dtype == torch.bfloat16
 
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The interpreter also converts fp32 to bf16 by truncation (compiled kernels and PyTorch round
+    # to nearest even), which costs up to a whole bf16 ulp: there the kernels store fp32 and
+    # PyTorch rounds.
+    return torch.float32 if _upcast(dtype) else dtype
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -167,7 +174,7 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
     out = torch.empty_strided(
         (batch, heads_q, seqlen_q, head_dim),
         (seqlen_q * row, head_dim, row, 1),
-        dtype=q.dtype,
+        dtype=_store_dtype(q.dtype),
         device=q.device,
     )
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
@@ -195,6 +202,8 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
         seqlen_q,
         seqlen_k,
     )
+    if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
+        out = out.to(q.dtype)
     return out, lse
 
 
@@ -212,9 +221,10 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     has_dlse = dlse is not None
     if has_dlse and not dlse.is_contiguous():
         dlse = dlse.contiguous()  # e.g. the expanded ones of lse.sum()'s backward
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    store = _store_dtype(q.dtype)
+    dq = torch.empty_like(q, dtype=store)
+    dk = torch.empty_like(k, dtype=store)
+    dv = torch.empty_like(v, dtype=store)
     delta = torch.empty_like(lse)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointers, never read
@@ -278,6 +288,8 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
         seqlen_q,
         seqlen_k,
     )
+    if store != q.dtype:  # the interpreter's bf16
+        dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
     return dq, dk, dv
 
 
