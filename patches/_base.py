@@ -29,9 +29,10 @@ _UNDERSTOOD_MASKS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", 
 
 class KernelRoutedConfig:
     """The config a patched attention module sees: reads and writes go to the model's own config
-    (so later changes to it still reach the module), except ``_attn_implementation``."""
+    (so later changes to it still reach the module), except ``_attn_implementation``.
 
-    __slots__ = ("original",)
+    ``original`` lives in an ordinary instance ``__dict__`` (no ``__slots__``): dynamo guards
+    on ``config.__dict__``, and on torch 2.11 a slotted view failed that guard."""
 
     def __init__(self, original):
         object.__setattr__(self, "original", original)
