@@ -367,7 +367,13 @@ def merge(datas: list[dict]) -> dict:
         runs += data["runs"]
         results.update((record_key(r), r) for r in data["results"])
     results = list(results.values())
-    return {"kind": "kernels", "runs": runs, "results": results, "ratios_vs_sdpa": ratios(results)}
+    return {
+        "kind": "kernels",
+        "environment": runs[-1]["environment"] if runs else None,  # the latest run's
+        "runs": runs,
+        "results": results,
+        "ratios_vs_sdpa": ratios(results),
+    }
 
 
 def ratios(results: list[dict]) -> dict:
@@ -394,6 +400,7 @@ def run(args, out: Path, start: float) -> tuple[dict, bool]:
         "ceilings": measure_ceilings(),
     }
     data["runs"].append(info)
+    data["environment"] = info["environment"]
     c = info["ceilings"]
     print(
         f"{info['environment']['device']}: bf16 matmul {c['matmul_bf16_8192_tflops']:.0f} "

@@ -302,9 +302,11 @@ def main(argv=None) -> int:
         print("bench_models needs a CUDA GPU", file=sys.stderr)
         return 2
     raise_recompile_limit()  # transformers' flex_attention is torch.compile'd
+    env = environment()
     data = {
         "kind": "models",
-        "runs": [{"environment": environment(), "args": jsonable(vars(args))}],
+        "environment": env,
+        "runs": [{"environment": env, "args": jsonable(vars(args))}],
         "specs": {n: vars(s) for n, s in MODELS.items()},
         "train": [],
         "decode": [],
