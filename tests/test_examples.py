@@ -3,8 +3,9 @@ subprocess), and what it writes is checked: finite numbers, and triton_attention
 eager on the same weights and tokens.
 
 Tolerance: in float32 the interpreter's dots are exact float32 arithmetic, so only summation
-order separates triton_attention from eager (~1e-7 relative seen on perplexity). Compiled on a
-GPU, Triton rounds float32 dot operands to tf32 (10-bit mantissa), hence the looser bound there.
+order separates triton_attention from eager (~1e-7 relative seen on perplexity). The looser
+GPU bound dates from when compiled float32 dots were tf32 (10-bit mantissa); they are IEEE
+float32 now (op.py's DOT_PRECISION), so it can tighten once the GPU error is measured.
 """
 
 import importlib.util
