@@ -42,6 +42,12 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "compile with fullgraph=True",
     "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), "
     "for tests",
+    "sizes": "any batch x heads and sequence length that fits in memory (one launch-grid axis, "
+    "64-bit offsets; a 128k-token causal forward + backward runs in linear memory); dropout "
+    "never repeats its mask within a tensor",
+    "non-finite inputs": "NaN/Inf in a query row gives NaN in that row; NaN in a key or value "
+    "gives NaN in the rows that attend it (keys hidden by key_padding_mask must still be "
+    "finite); never an error or a hang",
 }
 
 # Why a call runs eager attention instead. Each value is the text of the (single) warning.
