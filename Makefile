@@ -2,6 +2,8 @@
 # make test      the test suite (CPU: kernels in Triton's interpreter; GPU tests skip)
 # make test-oldest  the suite against the oldest transformers pyproject.toml admits (in $(OLDEST_VENV))
 # make gpu-test  only the tests marked gpu (needs a CUDA GPU)
+# make test-parallel  the suite in $(SHARDS) processes at once (tools/pytest_parallel.sh); on a GPU
+#                Triton's compiles dominate and spread over the cores
 # make bench     kernel and model benchmarks, results in benchmarks/results/ (needs a CUDA GPU)
 # make lint      ruff check + ruff format --check
 #
@@ -34,7 +36,7 @@ PY := $(VENV)/bin/python
 ENV_TARGET = $(VENV)/.installed-$(1)
 endif
 
-.PHONY: demo test test-oldest gpu-test bench lint linked need-gpu
+.PHONY: demo test test-oldest test-parallel gpu-test bench lint linked need-gpu
 
 demo: $(call ENV_TARGET,examples)
 	$(PY) examples/compare_perplexity.py
@@ -47,6 +49,10 @@ test: $(call ENV_TARGET,test)
 test-oldest: $(OLDEST_VENV)/.installed-test
 	$(OLDEST_VENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(OLDEST_TRANSFORMERS)', t.__version__"
 	$(OLDEST_VENV)/bin/python -m pytest -q || test $$? -eq 5
+
+SHARDS ?= 8
+test-parallel: $(call ENV_TARGET,test)
+	N=$(SHARDS) tools/pytest_parallel.sh $(PY)
 
 gpu-test: $(call ENV_TARGET,test) need-gpu
 	$(PY) -m pytest -q -m gpu
