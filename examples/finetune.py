@@ -6,19 +6,24 @@ and a PNG plots the curves.
 
     python examples/finetune.py                               # tiny random LLaMA, byte tokens
     python examples/finetune.py --model PATH --attn sdpa,triton_attention --max-steps 200
-    accelerate launch examples/finetune.py --attn triton_attention
+    python examples/finetune.py --lora                        # LoRA adapters (peft) only
+    accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --attn triton_attention
 
 Data: a ``datasets.Dataset`` built from a local text file (default: the GPL-3 text that ships
 with Debian/Ubuntu), tokenized and cut into blocks of ``--seq-len`` tokens. The default model
 is a 2-layer LLaMA with random weights reading UTF-8 bytes (vocab 256), small enough for the
 CPU, where the kernels run (slowly) in Triton's interpreter; ``--model`` takes any causal LM
 folder or hub id together with its tokenizer.
+
+Under ``accelerate launch`` every process builds its model from the same seed (the summary
+records each process's initial weights to show it) and only the main process reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from itertools import chain
 from pathlib import Path
@@ -26,6 +31,8 @@ from pathlib import Path
 import runtime
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import gather_object
 
 # 2 layers, GQA (4 query heads on 2 K/V heads), head_dim 16: quick even in the interpreter
 TINY_LLAMA = dict(
@@ -68,6 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument(
+        "--lora",
+        action="store_true",
+        help="train LoRA adapters (peft) on --lora-targets instead of all weights",
+    )
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated module names to adapt (default: LLaMA-style attention projections)",
+    )
+    p.add_argument(
         "--out-dir",
         type=Path,
         default=Path("out/finetune"),
@@ -75,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
+    args.lora_targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
     return args
 
 
@@ -124,6 +144,28 @@ def build_model(args, attn_implementation: str):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
+def add_lora(model, args):
+    """Wrap ``model`` in peft LoRA adapters; peft freezes every other weight. The attention
+    projections gain adapters, the attention function itself (ours) is untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.lora_targets,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def tensor_sums(state_dict) -> dict[str, float]:
+    """float64 sum of each tensor: a fingerprint cheap enough for any model size. An optimizer
+    step moves every element it owns, so an unchanged sum means an untouched tensor unless
+    its updates cancel exactly."""
+    return {name: t.detach().double().sum().item() for name, t in state_dict.items()}
+
+
 def precision(args, device: str) -> str:
     if args.dtype != "auto":
         return args.dtype
@@ -154,8 +196,18 @@ def make_step_timer(device: str):
 def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemory) -> dict:
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-    set_seed(args.seed)  # same initial weights for every implementation
+    set_seed(args.seed)  # same initial weights for every implementation and every process
     model = build_model(args, name)
+    if args.lora:
+        model = add_lora(model, args)
+    # counted before the Trainer wraps the model (FSDP renames and flattens parameters)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    parameters = {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_tensors": len(trainable),
+    }
+    before = tensor_sums(model.state_dict())
     training_args = TrainingArguments(
         output_dir=str(args.out_dir / "trainer" / name),
         max_steps=args.max_steps,
@@ -178,6 +230,8 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
         data_collator=default_data_collator,
         callbacks=[timer],
     )
+    # one fingerprint per process, taken before DDP broadcasts rank 0's weights to the others
+    initial_weight_sums = gather_object([math.fsum(before.values())])
     probe = {k: v.to(model.device) for k, v in default_data_collator([ds[0]]).items()}
     with torch.autocast(model.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
         path = runtime.attention_path(model, name, lambda: model(**probe))
@@ -185,6 +239,9 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
     trainer.train()
 
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    # the full state dict also under FSDP, where each process holds only shards
+    after = tensor_sums(trainer.accelerator.get_state_dict(trainer.model_wrapped))
+    changed = [n for n, s in after.items() if s != before.get(n)]
     # the first step warms up (Triton compiles on the GPU)
     timed = timer.seconds[1:] or timer.seconds
     tokens_per_step = args.batch_size * args.seq_len * training_args.world_size
@@ -194,6 +251,12 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
         "final_loss": losses[-1][1],
         "tokens_per_s": tokens_per_step * len(timed) / sum(timed),
         "peak_mib": memory.read_mib(),
+        "initial_weight_sums": initial_weight_sums,
+        "parameters": {
+            **parameters,
+            "changed_tensors": len(changed),
+            "frozen_tensors_changed": [n for n in changed if n not in trainable],
+        },
         "losses": losses,
     }
 
@@ -221,23 +284,13 @@ def plot(runs: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = runtime.pick_device(args.device)
-    runtime.import_hf_flashattn(device)  # registers "triton_attention"
-    dtype = precision(args, device)
-    text_path = args.text or runtime.default_text()
-    ds = build_dataset(text_path.read_text(encoding="utf-8"), encoder(args.model), args.seq_len)
-    model_name = args.model or "tiny random LLaMA (bytes)"
-    print(
-        f"{model_name}: {len(ds)} blocks of {args.seq_len} tokens from {text_path}, "
-        f"batch {args.batch_size}, {args.max_steps} steps, {dtype}, {device}"
-    )
-
-    memory = runtime.PeakMemory(device)
-    runs = [train(args, ds, name, dtype, device, memory) for name in args.attn]
-    if not PartialState().is_main_process:  # under accelerate launch, one process reports
-        return {}
+def report(args, setup: dict, runs: list[dict], memory: runtime.PeakMemory) -> dict:
+    """Print the table, write summary.json (``setup`` + how it ran + ``runs``) and loss.png."""
+    # AcceleratorState says what the Trainer ran: accelerate turns --use_fsdp into FSDP only on
+    # GPU-like devices and runs DDP (MULTI_CPU) on the CPU
+    state = AcceleratorState()
+    n = state.num_processes
+    distributed = f"{n} process{'es' if n > 1 else ''} (accelerate: {state.distributed_type.value})"
     reference = dict(runs[0]["losses"])
     for run in runs:
         diffs = (abs(loss - reference[step]) for step, loss in run["losses"])
@@ -264,9 +317,46 @@ def main(argv=None) -> dict:
             for r in runs
         ],
     )
-    print(f"tokens/s: training tokens per second after the first step; peak MiB: {memory.measures}")
+    print(f"ran as {distributed}")
+    print(
+        "tokens/s: training tokens per second after the first step, all processes together; "
+        f"peak MiB (main process): {memory.measures}"
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
+        **setup,
+        "num_processes": n,
+        "distributed_type": state.distributed_type.value,
+        "backend": PartialState().backend,
+        "triton_interpreter": runtime.is_interpreting(),
+        "peak_memory_measures": memory.measures,
+        "runs": runs,
+    }
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(
+        runs,
+        f"{setup['model']}, {args.batch_size} x {args.seq_len} tokens per device step",
+        args.out_dir / "loss.png",
+    )
+    print(f"wrote {args.out_dir / 'summary.json'} and {args.out_dir / 'loss.png'}")
+    return summary
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
+    runtime.import_hf_flashattn(device)  # registers "triton_attention"
+    dtype = precision(args, device)
+    text_path = args.text or runtime.default_text()
+    ds = build_dataset(text_path.read_text(encoding="utf-8"), encoder(args.model), args.seq_len)
+    model_name = args.model or "tiny random LLaMA (bytes)"
+    if args.lora:
+        model_name += f", LoRA r={args.lora_rank} on {','.join(args.lora_targets)}"
+    print(
+        f"{model_name}: {len(ds)} blocks of {args.seq_len} tokens from {text_path}, "
+        f"batch {args.batch_size}, {args.max_steps} steps, {dtype}, {device}"
+    )
+    setup = {
         "model": model_name,
         "text": str(text_path),
         "seq_len": args.seq_len,
@@ -275,17 +365,19 @@ def main(argv=None) -> dict:
         "lr": args.lr,
         "dtype": dtype,
         "device": device,
-        "triton_interpreter": runtime.is_interpreting(),
-        "peak_memory_measures": memory.measures,
-        "runs": runs,
+        "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
+        if args.lora
+        else None,
     }
-    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(
-        runs,
-        f"{model_name}, {args.batch_size} x {args.seq_len} tokens per device step",
-        args.out_dir / "loss.png",
-    )
-    print(f"wrote {args.out_dir / 'summary.json'} and {args.out_dir / 'loss.png'}")
+
+    memory = runtime.PeakMemory(device)
+    runs = [train(args, ds, name, dtype, device, memory) for name in args.attn]
+    state = PartialState()
+    # under accelerate launch one process reports; then all of them close the process group
+    # together, as torch asks of a distributed program before it exits
+    summary = report(args, setup, runs, memory) if state.is_main_process else {}
+    state.wait_for_everyone()
+    state.destroy_process_group()
     return summary
 
 

@@ -3,15 +3,18 @@ subprocess), and what it writes is checked: finite numbers, and triton_attention
 eager on the same weights and tokens.
 
 Tolerance: in float32 the interpreter's dots are exact float32 arithmetic, so only summation
-order separates triton_attention from eager (~1e-7 relative seen on perplexity). The looser
-GPU bound dates from when compiled float32 dots were tf32 (10-bit mantissa); they are IEEE
-float32 now (op.py's DOT_PRECISION), so it can tighten once the GPU error is measured.
+order separates triton_attention from eager (~1e-7 relative seen on perplexity). Under DDP
+and with LoRA the same holds: the gradient all-reduce and the adapters' matmuls are the same
+operations in the same order for both implementations (seen: per-step losses bitwise equal).
+The looser GPU bound dates from when compiled float32 dots were tf32 (10-bit mantissa); they
+are IEEE float32 now (op.py's DOT_PRECISION), so it can tighten once the GPU error is measured.
 """
 
 import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +28,6 @@ REL_TOL = 5e-3 if torch.cuda.is_available() else 1e-5
 FLOAT32 = ["--dtype", "float32"]
 # the "path" the examples report for triton_attention when the kernels ran in every layer
 KERNEL_PATHS = ("Triton interpreter (CPU)", "compiled Triton (GPU)")
-ACCELERATE_LAUNCH = (
-    "-m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no "
-    "--dynamo_backend no"
-)
 TEXT = (
     "The licenses for most software and other practical works are designed to take away your "
     "freedom to share and change the works. By contrast, the General Public License is intended "
@@ -152,23 +151,96 @@ def test_compare_perplexity_default_model(tmp_path):
     assert report["model"].endswith(".gguf") and 1 < ppl["eager"] < 1000
 
 
-@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py")
-@pytest.mark.parametrize("launcher", ["", ACCELERATE_LAUNCH], ids=["python", "accelerate-launch"])
-def test_finetune(launcher, text_file, tmp_path):
+def accelerate_launch(num_processes: int) -> list[str]:
+    """``accelerate launch`` with every choice given, so no accelerate config on the machine
+    counts. Several processes need --multi_gpu, accelerate's name for torchrun-style DDP: it
+    runs on the CPU too (gloo), while --cpu starts one process whatever --num_processes says
+    (accelerate 1.x)."""
+    argv = ["-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        # a free port, not torchrun's 29500: another test run may share the machine
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv += ["--multi_gpu", "--main_process_port", str(port)]
+    return argv
+
+
+def finetune(launcher: list[str], flags: str, text_file: Path, tmp_path: Path) -> dict:
+    """Run finetune.py in float32 on ``text_file``; return its summary.json."""
     out_dir = tmp_path / "run"
-    flags = "--attn eager,triton_attention --max-steps 3 --seq-len 64 --batch-size 2".split()
     script = str(EXAMPLES / "finetune.py")
-    argv = [*launcher.split(), script, "--text", str(text_file), "--out-dir", str(out_dir), *flags]
-    run(argv + FLOAT32, cwd=tmp_path)
-    summary = json.loads((out_dir / "summary.json").read_text())
+    argv = [*launcher, script, "--text", str(text_file), "--out-dir", str(out_dir)]
+    run(argv + flags.split() + FLOAT32, cwd=tmp_path)
+    assert (out_dir / "loss.png").stat().st_size > 0
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def assert_runs_agree(summary: dict, steps: int) -> dict[str, dict]:
+    """eager and triton_attention: same initial weights in every run and process, losses within
+    REL_TOL at every step, the kernels in every layer, every trainable tensor moved and nothing
+    else. Returns the runs by name."""
     runs = {r["attn_implementation"]: r for r in summary["runs"]}
-    assert [len(r["losses"]) for r in runs.values()] == [3, 3]
-    for step in range(3):
+    assert list(runs) == ["eager", "triton_attention"]
+    assert [len(r["losses"]) for r in runs.values()] == [steps, steps]
+    # one sum per process; set_seed makes them bitwise equal, before DDP syncs anything
+    weight_sums = [s for r in runs.values() for s in r["initial_weight_sums"]]
+    assert len(weight_sums) == 2 * summary["num_processes"]
+    assert len(set(weight_sums)) == 1, weight_sums
+    for step in range(steps):
         assert_agree(
             {name: r["losses"][step][1] for name, r in runs.items()}, f"loss at step {step + 1}"
         )
     assert runs["triton_attention"]["path"] in KERNEL_PATHS
-    assert (out_dir / "loss.png").stat().st_size > 0
+    for r in runs.values():
+        params = r["parameters"]
+        assert params["changed_tensors"] == params["trainable_tensors"], params
+        assert params["frozen_tensors_changed"] == [], params
+    return runs
+
+
+@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py")
+@pytest.mark.parametrize(
+    "num_processes", [None, 1, 2], ids=["python", "accelerate-launch", "accelerate-launch-ddp-2"]
+)
+def test_finetune(num_processes, text_file, tmp_path):
+    """Plain python, accelerate launch with one process, and DDP over two processes (gloo on the
+    CPU): each gives triton_attention eager's loss curve."""
+    if num_processes and num_processes > 1 and 0 < torch.cuda.device_count() < num_processes:
+        pytest.skip(
+            f"DDP on CUDA takes one GPU per process: {num_processes} processes, "
+            f"{torch.cuda.device_count()} GPU here"
+        )
+    launcher = accelerate_launch(num_processes) if num_processes else []
+    flags = "--attn eager,triton_attention --max-steps 3 --seq-len 64 --batch-size 2"
+    summary = finetune(launcher, flags, text_file, tmp_path)
+    assert summary["num_processes"] == (num_processes or 1)
+    if num_processes and num_processes > 1:
+        # DDP, not FSDP or a single process; the backend follows the device
+        assert summary["distributed_type"] in ("MULTI_CPU", "MULTI_GPU"), summary
+        assert summary["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert_runs_agree(summary, steps=3)
+
+
+# LoRA rank 8 on q, k, v, o of finetune.py's tiny LLaMA (hidden 64; k, v project to 2 K/V heads
+# of 16 = 32): r * (in + out) per projection, 2 layers
+LORA_RANK = 8
+LORA_PARAMETERS = 2 * LORA_RANK * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))
+
+
+@skip_without(*FINETUNE_NEEDS, "peft", needed_by="finetune.py --lora")
+def test_finetune_lora(text_file, tmp_path):
+    """--lora trains only the adapters (A and B of 4 projections in 2 layers: 16 tensors), all of
+    them, while the attention itself still runs the kernels and matches eager's losses."""
+    flags = f"--lora --lora-rank {LORA_RANK} --attn eager,triton_attention --max-steps 3"
+    summary = finetune([], flags + " --seq-len 64 --batch-size 2", text_file, tmp_path)
+    assert summary["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # lora_B starts at zero, so lora_A first moves at step 2: 3 steps move all of them
+    for r in assert_runs_agree(summary, steps=3).values():
+        params = r["parameters"]
+        assert params["trainable"] == LORA_PARAMETERS < params["total"], params
+        assert params["trainable_tensors"] == 16, params
 
 
 @skip_without(*FINETUNE_NEEDS, needed_by="finetune.py")
