@@ -259,14 +259,19 @@ def _match(allowed: torch.Tensor, q_len: int, kv_len: int) -> KernelMask | None:
 _last_analysis: tuple[weakref.ref, int, int, int, KernelMask | None] | None = None
 
 
-def _remember(mask: torch.Tensor, q_len: int, k_len: int, result: KernelMask | None) -> None:
+def _remember(
+    mask: torch.Tensor, q_len: int, k_len: int, result: KernelMask | None
+) -> KernelMask | None:
+    """Memoise ``result`` for ``mask`` (not while tracing, nor for inference tensors, which have
+    no version counter) and return what the memo holds, so every call sees the same object."""
     global _last_analysis
     if _tracing() or mask.is_inference():
-        return
+        return result
     if result is not None and result.key_padding_mask is not None:
         compact = result.key_padding_mask.clone(memory_format=torch.contiguous_format)
         result = result._replace(key_padding_mask=compact)
     _last_analysis = (weakref.ref(mask), mask._version, q_len, k_len, result)
+    return result
 
 
 def kernel_mask(
@@ -306,8 +311,7 @@ def kernel_mask(
         and memo[1:4] == (attention_mask._version, q_len, k_len)
     ):
         return memo[4]
-    _remember(attention_mask, q_len, k_len, _analyse_4d(attention_mask, q_len, k_len))
-    return _last_analysis[4]
+    return _remember(attention_mask, q_len, k_len, _analyse_4d(attention_mask, q_len, k_len))
 
 
 # ---------------------------------------------------------------------------- eager fallback

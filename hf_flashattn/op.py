@@ -293,27 +293,36 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     return dq, dk, dv
 
 
-# ---------------------------------------------------------------------------- eager autograd
+# ---------------------------------------------------------------------------- autograd
+# Shared by the eager Function and the custom op's autograd: what the forward saves, and how
+# the backward launch (``_backward`` eagerly, ``_bwd_op`` under torch.compile) uses it.
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.args = (causal, scale, dropout_p)
+
+
+def _input_grads(launch_backward, ctx, dout, dlse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = launch_backward(q, k, v, out, lse, dout, dlse, key_padding_mask, *ctx.args, seed)
+    return dq, dk, dv, None, None, None, None, None
+
+
 class _FlashAttn(torch.autograd.Function):
     """Eager path: the launch functions called directly, no custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
-        out, lse = _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
-        ctx.args = (causal, scale, dropout_p)
+    def forward(ctx, *inputs):
+        out, lse = _forward(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
         # unused outputs (lse without return_lse) get None, not a tensor of zeros
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
-        causal, scale, dropout_p = ctx.args
-        dq, dk, dv = _backward(
-            q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed
-        )
-        return dq, dk, dv, None, None, None, None, None
+        return _input_grads(_backward, ctx, dout, dlse)
 
 
 # ---------------------------------------------------------------------------- custom ops
@@ -364,17 +373,8 @@ def _(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p,
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
-    ctx.args = (causal, scale, dropout_p)
-
-
 def _op_backward(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(q, k, v, out, lse, dout, dlse, key_padding_mask, *ctx.args, seed)
-    return dq, dk, dv, None, None, None, None, None
+    return _input_grads(_bwd_op, ctx, dout, dlse)
 
 
 _fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
