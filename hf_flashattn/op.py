@@ -17,12 +17,12 @@ import math
 from collections.abc import Iterator
 
 import torch
-from triton.runtime.errors import OutOfResources
 
 from .kernels import INTERPRETING
 from .kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from .kernels.configs import KernelConfig, block_d, bwd_dkdv_config, bwd_dq_config, fwd_config
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
+from .launch import _Launcher
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -50,47 +50,6 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # ---------------------------------------------------------------------------- launching
-class _Launcher:
-    """One kernel at one specialisation, with everything its launch needs built once: the
-    config (stepped down the first time a GPU lacks the shared memory for it) and the keyword
-    arguments (constexprs and launch options). A call then computes only the grid.
-
-    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it):
-    grid axis 1 would cap batch * heads at 65,535.
-    """
-
-    __slots__ = ("kernel", "along_keys", "cfg", "block", "constexprs", "kwargs")
-
-    def __init__(self, kernel, cfg: KernelConfig, along_keys: bool, constexprs: dict) -> None:
-        self.kernel = kernel
-        self.along_keys = along_keys  # True: one program per key block (dK/dV)
-        self.constexprs = constexprs
-        self._use(cfg)
-
-    def _use(self, cfg: KernelConfig) -> None:
-        self.cfg = cfg
-        self.block = cfg.block_n if self.along_keys else cfg.block_m
-        self.kwargs = dict(
-            self.constexprs,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-
-    def __call__(self, rows: int, heads: int, *args) -> None:
-        grid = ((rows + self.block - 1) // self.block * heads,)
-        try:
-            self.kernel[grid](*args, **self.kwargs)
-        except OutOfResources:
-            # Triton raises before anything runs; the config that fits is kept for later calls
-            smaller = self.cfg.smaller()
-            if smaller is None:
-                raise
-            self._use(smaller)
-            self(rows, heads, *args)
-
-
 # (kernel name, specialisation) -> launcher
 _LAUNCHERS: dict[tuple, _Launcher] = {}
 # Test hook: configs forced per kernel name ("fwd", "dkdv", "dq"), see forced_configs().
@@ -122,7 +81,9 @@ def _launcher(name: str, key: tuple) -> _Launcher:
         if name == "dq":
             constexprs["HAS_DLSE"] = has_dlse
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
-        launcher = _LAUNCHERS[(name, key)] = _Launcher(kernel, cfg, along_keys, constexprs)
+        launcher = _LAUNCHERS[(name, key)] = _Launcher(
+            kernel, cfg, along_keys, constexprs, direct=not INTERPRETING
+        )
     return launcher
 
 

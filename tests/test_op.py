@@ -209,6 +209,23 @@ def test_dropout_mean_approaches_no_dropout(device):
     assert (mean - exact).abs().mean() < single / 3
 
 
+def test_dropout_draws_are_independent_across_the_columns_one_philox_call_serves(device):
+    """One Philox call draws four adjacent columns: each of the four must keep at rate 1 - p,
+    and neighbours must agree only as often as independent draws do (a column reusing another
+    one's value agrees every time)."""
+    p = 0.5
+    keep = dropout_keep_mask(_new_seed(device), 2, 4, 128, 256, p, device).float()
+    by_lane = keep.reshape(2, 4, 128, 64, 4)
+    for lane in range(4):
+        assert abs(by_lane[..., lane].mean().item() - (1 - p)) < 0.02, lane
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
+        agree = (by_lane[..., a] == by_lane[..., b]).float().mean().item()
+        assert abs(agree - 0.5) < 0.02, (a, b, agree)
+    # across groups and rows too: no two rows or groups repeat
+    assert not torch.equal(by_lane[:, :, 0], by_lane[:, :, 1])
+    assert not torch.equal(by_lane[..., 0, :], by_lane[..., 1, :])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seqlen_q", [64, 130])
 def test_dropout_gradients_match_reference_with_kernel_mask(device, causal, seqlen_q):
@@ -404,7 +421,7 @@ def test_config_steps_down_when_shared_memory_runs_out():
     from triton.runtime.errors import OutOfResources
 
     from hf_flashattn.kernels.configs import KernelConfig
-    from hf_flashattn.op import _Launcher
+    from hf_flashattn.launch import _Launcher
 
     attempts, launched = [], []
 
@@ -435,6 +452,97 @@ def test_config_steps_down_when_shared_memory_runs_out():
 
     with pytest.raises(OutOfResources):
         _Launcher(KernelThatNeverFits(), cfg, False, {})(10, 1)
+
+
+class _CompiledStandIn:
+    """Stands in for a compiled Triton kernel: its launcher records what it is called with."""
+
+    def __init__(self, calls, fail=False):
+        self.function, self.packed_metadata = "function", "metadata"
+        self._calls, self._fail = calls, fail
+
+    def run(self, *args):
+        if self._fail:
+            raise TypeError("launcher takes other arguments")
+        self._calls.append(args)
+
+
+class _JitStandIn:
+    """Stands in for a @triton.jit kernel: signature ``(X, n, scale, BLOCK_M, BLOCK_N, FLAG)``
+    with the last three constexpr; ``kernel[grid](...)`` records a slow launch."""
+
+    def __init__(self, fail_direct=False):
+        from types import SimpleNamespace
+
+        self.params = [
+            SimpleNamespace(name=name, is_constexpr=constexpr)
+            for name, constexpr in (
+                ("X", False), ("n", False), ("scale", False),
+                ("BLOCK_M", True), ("BLOCK_N", True), ("FLAG", True),
+            )
+        ]  # fmt: skip
+        self.slow, self.direct = [], []
+        self._fail_direct = fail_direct
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.slow.append((grid, args))
+            return _CompiledStandIn(self.direct, self._fail_direct)
+
+        return launch
+
+
+def _direct_launcher(kernel, monkeypatch):
+    from hf_flashattn import launch
+    from hf_flashattn.kernels.configs import KernelConfig
+
+    monkeypatch.setattr(launch, "_stream_getter", lambda: lambda index: f"stream{index}")
+    monkeypatch.setitem(launch._direct_launch, "enabled", True)
+    cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+    return launch._Launcher(kernel, cfg, False, {"FLAG": 7})
+
+
+def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
+    """After one kernel[grid] launch per binary key (int values, tensor dtype and alignment),
+    calls go straight to the compiled kernel's launcher with the constexprs appended in
+    signature order; anything that can change the binary launches the safe way again."""
+    from hf_flashattn import launch
+
+    kernel = _JitStandIn()
+    launcher = _direct_launcher(kernel, monkeypatch)
+    x = torch.zeros(64, dtype=torch.float16)
+    launcher(40, 2, x, 40, 0.5)
+    assert kernel.slow == [((3 * 2,), (x, 40, 0.5))] and kernel.direct == []
+    launcher(40, 2, x, 40, 0.25)  # floats are not specialised: same binary
+    assert len(kernel.slow) == 1
+    assert kernel.direct == [(6, 1, 1, f"stream{x.device.index}", "function", "metadata",
+                              None, None, None, x, 40, 0.25, 16, 32, 7)]  # fmt: skip
+    launcher(48, 2, x, 48, 0.5)  # another int value: another binary key
+    launcher(40, 2, x[1:], 40, 0.5)  # misaligned by 2 bytes: another binary key
+    launcher(40, 2, x.float(), 40, 0.5)  # another dtype
+    assert len(kernel.slow) == 4 and len(kernel.direct) == 1
+    launcher(48, 2, x, 48, 0.5)
+    assert len(kernel.slow) == 4 and kernel.direct[-1][0] == 3 * 2
+
+    # a profiler's launch hook must be called: while one is set, kernel[grid] launches
+    monkeypatch.setattr(launch, "_hooks_set", lambda: True)
+    launcher(40, 2, x, 40, 0.5)
+    assert len(kernel.slow) == 5 and len(kernel.direct) == 2
+
+
+def test_direct_launch_falls_back_when_the_launcher_convention_differs(monkeypatch):
+    from hf_flashattn import launch
+
+    kernel = _JitStandIn(fail_direct=True)
+    launcher = _direct_launcher(kernel, monkeypatch)
+    x = torch.zeros(64, dtype=torch.float16)
+    launcher(40, 2, x, 40, 0.5)
+    with pytest.warns(UserWarning, match="direct kernel launch unavailable"):
+        launcher(40, 2, x, 40, 0.5)
+    assert len(kernel.slow) == 2, "the call still launched, the safe way"
+    assert launch._direct_launch["enabled"] is False
+    launcher(40, 2, x, 40, 0.5)
+    assert len(kernel.slow) == 3
 
 
 def test_eager_calls_skip_the_custom_op(device, monkeypatch):

@@ -12,7 +12,7 @@ there are no atomics and repeated runs give bitwise-identical gradients.
 import triton
 import triton.language as tl
 
-from .fwd import _dropout_keep
+from .fwd import _dropout_uniform
 
 
 @triton.jit
@@ -130,7 +130,10 @@ def _attn_bwd_dkdv_inner(
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], cols[:, None], dropout_p)
+            # the forward's draws at (row, col), transposed to this pass's (key, query) tile
+            keep = (
+                tl.trans(_dropout_uniform(seed, bh, offs_m, start_n, offs_n.shape[0])) >= dropout_p
+            )
             p_drop_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         else:
@@ -488,7 +491,7 @@ def _attn_bwd_dq_inner(
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+            keep = _dropout_uniform(seed, bh, offs_m, start_n, BLOCK_N) >= dropout_p
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

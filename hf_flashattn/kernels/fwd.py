@@ -13,18 +13,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, dropout_p):
-    # One Philox draw per element of the (batch, heads, seq_q, seq_k) probabilities: the counter
-    # is (col, row, batch * heads_q + head, 0) under the key ``seed``, unique for every element
-    # of a tensor (no 32-bit row * seq_k + col that wraps and repeats on long sequences), so
-    # backward regenerates exactly the forward's mask in whichever orientation it computes.
-    # ``rows`` and ``cols`` broadcast against each other ([M, 1] and [1, N], or transposed).
-    zero = (rows * 0 + cols * 0).to(tl.uint32)
-    c0 = zero + cols.to(tl.uint32)
-    c1 = zero + rows.to(tl.uint32)
-    c2 = zero + bh.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, zero)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+def _dropout_uniform(seed, bh, rows, col_start, N: tl.constexpr):
+    # Uniform [0, 1) draws for the probabilities at query ``rows`` (1-D) and key columns
+    # ``col_start + arange(N)`` (col_start a multiple of 4), as a [len(rows), N] tile. One Philox
+    # call gives four 32-bit values: its counter is (col // 4, row, batch * heads_q + head, 0)
+    # under the key ``seed`` and column col gets value col % 4. Every element of a
+    # (batch, heads, seq_q, seq_k) tensor gets its own draw (no 32-bit row * seq_k + col that
+    # wraps), and any kernel regenerates the forward's draws from (row, col) alone, in either
+    # orientation (the dK/dV pass transposes the tile).
+    groups = (col_start // 4 + tl.arange(0, N // 4)).to(tl.uint32)
+    zero = tl.zeros([rows.shape[0], N // 4], dtype=tl.uint32)
+    r0, r1, r2, r3 = tl.philox(
+        seed,
+        zero + groups[None, :],
+        zero + rows.to(tl.uint32)[:, None],
+        zero + bh.to(tl.uint32),
+        zero,
+    )
+    # join(join(r0, r2), join(r1, r3))[m, g, j, i] = r_(2j + i): flattened, column 4g + c gets r_c
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], N])
+    return tl.uint_to_uniform_float(r)
 
 
 @triton.jit
@@ -96,7 +104,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+            keep = _dropout_uniform(seed, bh, offs_m, start_n, BLOCK_N) >= dropout_p
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if MASKED:
             v = tl.load(
@@ -330,7 +338,7 @@ def dropout_mask_kernel(
     base = Mask + bh.to(tl.int64) * n_rows * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
+        keep = _dropout_uniform(seed, bh, rows, start_n, BLOCK_N) >= dropout_p
         ptrs = base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
         tl.store(
             ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < n_rows) & (cols[None, :] < seqlen_k)

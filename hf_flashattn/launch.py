@@ -1,0 +1,193 @@
+"""Launching a Triton kernel cheaply, call after call.
+
+``kernel[grid](*args)`` re-derives the kernel's specialisation from every argument on every
+call (Triton 3.6: ~40-80 µs of host time for our ~40 arguments, more than the GPU needs for a
+GPT-2-sized attention call). A ``_Launcher`` pays that once per *binary key*: the argument
+values that can change the compiled binary (every int argument's value, each tensor's dtype
+and 16-byte alignment, the device). On a hit it calls the compiled kernel's own launcher
+directly, as PyTorch's inductor does for its Triton kernels. Keying on the int values
+themselves, rather than re-implementing Triton's rules (==1, divisible by 16, fits in 32 bits),
+cannot pick a wrong binary: equal keys are equal specialisations whatever the rules are. A new
+sequence length is one slow launch, then cached.
+
+The direct call leans on the launcher's calling convention
+``run(grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter_hook,
+exit_hook, *args)`` (Triton 3.3 to 3.9 at least). When that convention does not hold (a
+TypeError before anything launches), or under the interpreter, or while a launch hook is set
+(profilers such as proton need it called), every launch takes ``kernel[grid]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from triton.runtime import driver
+from triton.runtime.errors import OutOfResources
+
+from .kernels.configs import KernelConfig
+
+try:  # where Triton keeps its launch hooks (3.4+)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: hooks unknown, always launch safely
+    _knobs = None
+
+# How many binaries one launcher remembers: each distinct shape is one entry. Past this the
+# cache starts over (a run cycling through more shapes than this pays one slow launch each).
+_MAX_BINARIES = 512
+# Set off for good once the direct call's convention is found not to hold.
+_direct_launch = {"enabled": True}
+# launch_metadata, enter hook, exit hook: none (launches with hooks set take kernel[grid])
+_NO_HOOKS = (None, None, None)
+
+
+def _hooks_set() -> bool:
+    if _knobs is None:
+        return True
+    runtime = _knobs.runtime
+    return _active(runtime.launch_enter_hook) or _active(runtime.launch_exit_hook)
+
+
+def _active(hook) -> bool:
+    # a plain callable (Triton 3.4-3.6) or a HookChain that may be empty (newer)
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+def _stream_getter():
+    # Triton's own: the current stream of a device index, as kernel[grid] launches on
+    return driver.active.get_current_stream
+
+
+def binary_key(args: tuple) -> tuple:
+    """What of ``args`` can change the compiled binary: ints by value, tensors by dtype,
+    device and 16-byte alignment, floats not at all (Triton does not specialise them)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.get_device(), a.data_ptr() % 16 == 0))
+        elif type(a) is float:
+            key.append(float)
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+class _Launcher:
+    """One kernel at one set of constexprs, with everything its launch needs built once: the
+    config (stepped down the first time a GPU lacks the shared memory for it), the keyword
+    arguments (constexprs and launch options) and the compiled binaries seen so far.
+
+    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it):
+    grid axis 1 would cap batch * heads at 65,535.
+    """
+
+    __slots__ = ("kernel", "along_keys", "cfg", "block", "constexprs", "kwargs", "tail", "binaries")
+
+    def __init__(
+        self, kernel, cfg: KernelConfig, along_keys: bool, constexprs: dict, direct: bool = True
+    ) -> None:
+        self.kernel = kernel
+        self.along_keys = along_keys  # True: one program per key block (dK/dV)
+        self.constexprs = constexprs
+        # binary key -> (run, function, metadata) of the compiled kernel; None: never direct
+        self.binaries: dict | None = {} if direct else None
+        self._use(cfg)
+
+    def _use(self, cfg: KernelConfig) -> None:
+        self.cfg = cfg
+        self.block = cfg.block_n if self.along_keys else cfg.block_m
+        self.kwargs = dict(
+            self.constexprs,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        if self.binaries is not None:
+            self.binaries.clear()
+        self.tail = None
+
+    def _constexpr_tail(self, n_args: int):
+        """The constexpr values in signature order, which the compiled launcher takes after the
+        runtime arguments; None unless the signature is ``runtime args..., constexprs...`` with
+        every constexpr given."""
+        params = getattr(self.kernel, "params", None)
+        if params is None or len(params) < n_args:
+            return None
+        if any(p.is_constexpr for p in params[:n_args]):
+            return None
+        tail = []
+        for p in params[n_args:]:
+            if not p.is_constexpr or p.name not in self.kwargs:
+                return None
+            tail.append(self.kwargs[p.name])
+        return tuple(tail)
+
+    def __call__(self, rows: int, heads: int, *args) -> None:
+        direct = self.binaries is not None and _direct_launch["enabled"] and not _hooks_set()
+        key = binary_key(args) if direct else None
+        while True:
+            grid_x = (rows + self.block - 1) // self.block * heads
+            if direct:
+                hit = self.binaries.get(key)
+                if hit is not None and self._run_direct(hit, grid_x, args):
+                    return
+            try:
+                compiled = self.kernel[(grid_x,)](*args, **self.kwargs)
+            except OutOfResources:
+                # Triton raises before anything runs; the config that fits is kept for later
+                smaller = self.cfg.smaller()
+                if smaller is None:
+                    raise
+                self._use(smaller)
+                continue
+            if direct:
+                self._remember(key, compiled, args)
+            return
+
+    def _run_direct(self, hit: tuple, grid_x: int, args: tuple) -> bool:
+        run, function, metadata, stream, device_index = hit
+        try:
+            run(
+                grid_x,
+                1,
+                1,
+                stream(device_index),
+                function,
+                metadata,
+                *_NO_HOOKS,
+                *args,
+                *self.tail,
+            )
+        except TypeError as err:  # parsed before anything launches: the convention changed
+            _direct_launch["enabled"] = False
+            warnings.warn(
+                f"hf_flashattn: direct kernel launch unavailable on this Triton ({err}); "
+                "launching through kernel[grid] (more host time per call)",
+                stacklevel=3,
+            )
+            return False
+        return True
+
+    def _remember(self, key: tuple, compiled, args: tuple) -> None:
+        function = getattr(compiled, "function", None)
+        if function is None:  # the interpreter, or a stand-in kernel: nothing to call directly
+            return
+        if self.tail is None:
+            self.tail = self._constexpr_tail(len(args))
+            if self.tail is None:
+                self.binaries = None
+                return
+        if len(self.binaries) >= _MAX_BINARIES:
+            self.binaries.clear()
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        self.binaries[key] = (
+            compiled.run,
+            function,
+            compiled.packed_metadata,
+            _stream_getter(),
+            device.index,
+        )
