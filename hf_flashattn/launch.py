@@ -81,16 +81,26 @@ class _Launcher:
     arguments (constexprs and launch options) and the compiled binaries seen so far.
 
     The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it):
-    grid axis 1 would cap batch * heads at 65,535.
+    grid axis 1 would cap batch * heads at 65,535. Paired (causal) kernels give each program
+    two blocks, so half as many.
     """
 
-    __slots__ = ("kernel", "along_keys", "cfg", "block", "constexprs", "kwargs", "tail", "binaries")
+    __slots__ = (
+        "kernel", "along_keys", "paired", "cfg", "block", "constexprs", "kwargs", "tail", "binaries"
+    )  # fmt: skip
 
     def __init__(
-        self, kernel, cfg: KernelConfig, along_keys: bool, constexprs: dict, direct: bool = True
+        self,
+        kernel,
+        cfg: KernelConfig,
+        along_keys: bool,
+        constexprs: dict,
+        direct: bool = True,
+        paired: bool = False,
     ) -> None:
         self.kernel = kernel
         self.along_keys = along_keys  # True: one program per key block (dK/dV)
+        self.paired = paired  # True: one program per pair of blocks (causal load balance)
         self.constexprs = constexprs
         # binary key -> (run, function, metadata) of the compiled kernel; None: never direct
         self.binaries: dict | None = {} if direct else None
@@ -130,7 +140,8 @@ class _Launcher:
         direct = self.binaries is not None and _direct_launch["enabled"] and not _hooks_set()
         key = binary_key(args) if direct else None
         while True:
-            grid_x = (rows + self.block - 1) // self.block * heads
+            blocks = (rows + self.block - 1) // self.block
+            grid_x = ((blocks + 1) // 2 if self.paired else blocks) * heads
             if direct:
                 hit = self.binaries.get(key)
                 if hit is not None and self._run_direct(hit, grid_x, args):

@@ -82,7 +82,7 @@ def _launcher(name: str, key: tuple) -> _Launcher:
             constexprs["HAS_DLSE"] = has_dlse
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
         launcher = _LAUNCHERS[(name, key)] = _Launcher(
-            kernel, cfg, along_keys, constexprs, direct=not INTERPRETING
+            kernel, cfg, along_keys, constexprs, direct=not INTERPRETING, paired=causal
         )
     return launcher
 
@@ -468,7 +468,9 @@ def flash_attn(
         causal: bool, default False. Apply the bottom-right aligned causal mask.
         scale: float, default ``head_dim ** -0.5``. Multiplies q @ k^T before the softmax.
         dropout_p: float in [0, 1), default 0. Dropout on the attention probabilities, drawn
-            in the kernel (Philox) from a seed taken from the default generator of q's device.
+            in the kernel (Philox, 16 bits per element, so the rate is applied at a resolution
+            of 1/65536; kept values scale by exactly 1 / (1 - dropout_p)) from a seed taken
+            from the default generator of q's device.
         key_padding_mask: (batch_size, seqlen_k) bool, default None. True = attend. A query
             row with no key to attend to gives zeros (and zero gradients), never NaN.
         return_lse: bool, default False. Also return the log-sum-exp of the scaled scores

@@ -210,20 +210,29 @@ def test_dropout_mean_approaches_no_dropout(device):
 
 
 def test_dropout_draws_are_independent_across_the_columns_one_philox_call_serves(device):
-    """One Philox call draws four adjacent columns: each of the four must keep at rate 1 - p,
-    and neighbours must agree only as often as independent draws do (a column reusing another
-    one's value agrees every time)."""
+    """One Philox call draws eight adjacent columns (16 bits each): each of the eight must keep
+    at rate 1 - p, and columns must agree only as often as independent draws do (a column
+    reusing another's draw, or a half of one, agrees every time)."""
     p = 0.5
     keep = dropout_keep_mask(_new_seed(device), 2, 4, 128, 256, p, device).float()
-    by_lane = keep.reshape(2, 4, 128, 64, 4)
-    for lane in range(4):
+    by_lane = keep.reshape(2, 4, 128, 32, 8)
+    for lane in range(8):
         assert abs(by_lane[..., lane].mean().item() - (1 - p)) < 0.02, lane
-    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
-        agree = (by_lane[..., a] == by_lane[..., b]).float().mean().item()
-        assert abs(agree - 0.5) < 0.02, (a, b, agree)
+    for a in range(8):
+        for b in range(a + 1, 8):
+            agree = (by_lane[..., a] == by_lane[..., b]).float().mean().item()
+            assert abs(agree - 0.5) < 0.02, (a, b, agree)
     # across groups and rows too: no two rows or groups repeat
     assert not torch.equal(by_lane[:, :, 0], by_lane[:, :, 1])
     assert not torch.equal(by_lane[..., 0, :], by_lane[..., 1, :])
+
+
+def test_dropout_rate_resolution_is_one_in_65536(device):
+    """Draws are 16 bits: a rate below 2^-17 rounds to no dropout, one of 2^-16 drops ~1/65536."""
+    seed = _new_seed(device)
+    assert dropout_keep_mask(seed, 2, 4, 256, 1024, 2.0**-18, device).all()
+    dropped = (~dropout_keep_mask(seed, 8, 8, 256, 1024, 0.25, device)).float().mean().item()
+    assert abs(dropped - 0.25) < 0.002
 
 
 @pytest.mark.parametrize("causal", [False, True])

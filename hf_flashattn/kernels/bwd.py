@@ -12,7 +12,7 @@ there are no atomics and repeated runs give bitwise-identical gradients.
 import triton
 import triton.language as tl
 
-from .fwd import _dropout_uniform
+from .fwd import _dropout_keep, _program_blocks, _turn_block
 
 
 @triton.jit
@@ -94,6 +94,7 @@ def _attn_bwd_dkdv_inner(
     # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
     # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64).
     d_mask = offs_d < HEAD_DIM
+    keep_scale = 1.0 / (1.0 - dropout_p)  # dropout: kept entries of dP scale up
     cols = start_n + offs_n
     if HAS_KPM:
         keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
@@ -130,12 +131,11 @@ def _attn_bwd_dkdv_inner(
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            # the forward's draws at (row, col), transposed to this pass's (key, query) tile
-            keep = (
-                tl.trans(_dropout_uniform(seed, bh, offs_m, start_n, offs_n.shape[0])) >= dropout_p
-            )
-            p_drop_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
-            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+            # the forward's mask, in this pass's (key, query) orientation; dV's 1 / (1 - p)
+            # multiplies it once at the end
+            keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0], True)
+            p_drop_t = tl.where(keep, p_t, 0.0)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
             p_drop_t = p_t
         dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -199,228 +199,238 @@ def attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One grid axis, key blocks fastest: axis 1 would cap batch * heads_kv at 65,535
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
-    pid = tl.program_id(0)
-    bh_kv = pid // n_blocks_n
-    start_n = (pid % n_blocks_n) * BLOCK_N
-    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-    b64 = (bh_kv // num_heads_kv).to(tl.int64)
-    h_kv = (bh_kv % num_heads_kv).to(tl.int64)
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
+    # causal: the first key blocks meet the most queries; each program pairs one with a light one
+    bh_kv, first, n_turns = _program_blocks(n_blocks_n, IS_CAUSAL, False)
+    for turn in range(n_turns):
+        start_n = _turn_block(first, turn, n_blocks_n) * BLOCK_N
+        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+        b64 = (bh_kv // num_heads_kv).to(tl.int64)
+        h_kv = (bh_kv % num_heads_kv).to(tl.int64)
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(Seed)
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    rows_n = offs_n[:, None].to(tl.int64)
-    k = tl.load(
-        K + b64 * stride_kb + h_kv * stride_kh + rows_n * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b64 * stride_vb + h_kv * stride_vh + rows_n * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    kpm_ptr = KPM + b64 * stride_kpm_b
-
-    causal_offset = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        # rows that see some / all of this key block: j <= i + causal_offset
-        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        lo_full = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
-        lo_full = tl.minimum(
-            (lo_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q // BLOCK_M * BLOCK_M
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+        rows_n = offs_n[:, None].to(tl.int64)
+        k = tl.load(
+            K
+            + b64 * stride_kb
+            + h_kv * stride_kh
+            + rows_n * stride_kn
+            + offs_d[None, :] * stride_kd,
+            mask=kv_mask,
+            other=0.0,
         )
-        lo_full = tl.maximum(lo_full, lo)
-    else:
-        lo = 0
-        lo_full = 0
-    # the key block itself is ragged at the end of the sequence: mask every block then
-    ragged_k = start_n + BLOCK_N > seqlen_k
-    hi_full = seqlen_q // BLOCK_M * BLOCK_M
+        v = tl.load(
+            V
+            + b64 * stride_vb
+            + h_kv * stride_vh
+            + rows_n * stride_vn
+            + offs_d[None, :] * stride_vd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        kpm_ptr = KPM + b64 * stride_kpm_b
 
-    for g in range(GROUP):
-        h = h_kv * GROUP + g
-        bh = b64 * num_heads_q + h
-        q_base = Q + b64 * stride_qb + h * stride_qh
-        do_base = DO + b64 * stride_dob + h * stride_doh
-        lse_base = LSE + bh.to(tl.int64) * seqlen_q
-        delta_base = Delta + bh.to(tl.int64) * seqlen_q
-        if ragged_k:
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                kpm_ptr,
-                lo,
-                seqlen_q,
-                start_n,
-                tl.arange(0, BLOCK_N),
-                offs_d,
-                stride_qm,
-                stride_qd,
-                stride_dom,
-                stride_dod,
-                seqlen_q,
-                seqlen_k,
-                causal_offset,
-                qk_scale,
-                dropout_p,
-                seed,
-                bh,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                True,
-                IS_CAUSAL,
-                HAS_KPM,
-                HAS_DROPOUT,
-                UPCAST,
-                DOT_PRECISION,
+        causal_offset = seqlen_k - seqlen_q
+        if IS_CAUSAL:
+            # rows that see some / all of this key block: j <= i + causal_offset
+            lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+            lo_full = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
+            lo_full = tl.minimum(
+                (lo_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q // BLOCK_M * BLOCK_M
             )
+            lo_full = tl.maximum(lo_full, lo)
         else:
-            # diagonal band (masked), then the rows below it that see the whole block
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                kpm_ptr,
-                lo,
-                lo_full,
-                start_n,
-                tl.arange(0, BLOCK_N),
-                offs_d,
-                stride_qm,
-                stride_qd,
-                stride_dom,
-                stride_dod,
-                seqlen_q,
-                seqlen_k,
-                causal_offset,
-                qk_scale,
-                dropout_p,
-                seed,
-                bh,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                True,
-                IS_CAUSAL,
-                HAS_KPM,
-                HAS_DROPOUT,
-                UPCAST,
-                DOT_PRECISION,
-            )
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                kpm_ptr,
-                lo_full,
-                hi_full,
-                start_n,
-                tl.arange(0, BLOCK_N),
-                offs_d,
-                stride_qm,
-                stride_qd,
-                stride_dom,
-                stride_dod,
-                seqlen_q,
-                seqlen_k,
-                causal_offset,
-                qk_scale,
-                dropout_p,
-                seed,
-                bh,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                False,
-                IS_CAUSAL,
-                HAS_KPM,
-                HAS_DROPOUT,
-                UPCAST,
-                DOT_PRECISION,
-            )
-            # ragged last query block
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                kpm_ptr,
-                tl.maximum(hi_full, lo_full),
-                seqlen_q,
-                start_n,
-                tl.arange(0, BLOCK_N),
-                offs_d,
-                stride_qm,
-                stride_qd,
-                stride_dom,
-                stride_dod,
-                seqlen_q,
-                seqlen_k,
-                causal_offset,
-                qk_scale,
-                dropout_p,
-                seed,
-                bh,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                True,
-                IS_CAUSAL,
-                HAS_KPM,
-                HAS_DROPOUT,
-                UPCAST,
-                DOT_PRECISION,
-            )
+            lo = 0
+            lo_full = 0
+        # the key block itself is ragged at the end of the sequence: mask every block then
+        ragged_k = start_n + BLOCK_N > seqlen_k
+        hi_full = seqlen_q // BLOCK_M * BLOCK_M
 
-    dk = dk * sm_scale
-    dk_ptrs = (
-        DK
-        + b64 * stride_dkb
-        + h_kv * stride_dkh
-        + rows_n * stride_dkn
-        + offs_d[None, :] * stride_dkd
-    )
-    dv_ptrs = (
-        DV
-        + b64 * stride_dvb
-        + h_kv * stride_dvh
-        + rows_n * stride_dvn
-        + offs_d[None, :] * stride_dvd
-    )
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        for g in range(GROUP):
+            h = h_kv * GROUP + g
+            bh = b64 * num_heads_q + h
+            q_base = Q + b64 * stride_qb + h * stride_qh
+            do_base = DO + b64 * stride_dob + h * stride_doh
+            lse_base = LSE + bh.to(tl.int64) * seqlen_q
+            delta_base = Delta + bh.to(tl.int64) * seqlen_q
+            if ragged_k:
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    kpm_ptr,
+                    lo,
+                    seqlen_q,
+                    start_n,
+                    tl.arange(0, BLOCK_N),
+                    offs_d,
+                    stride_qm,
+                    stride_qd,
+                    stride_dom,
+                    stride_dod,
+                    seqlen_q,
+                    seqlen_k,
+                    causal_offset,
+                    qk_scale,
+                    dropout_p,
+                    seed,
+                    bh,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_D,
+                    True,
+                    IS_CAUSAL,
+                    HAS_KPM,
+                    HAS_DROPOUT,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
+            else:
+                # diagonal band (masked), then the rows below it that see the whole block
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    kpm_ptr,
+                    lo,
+                    lo_full,
+                    start_n,
+                    tl.arange(0, BLOCK_N),
+                    offs_d,
+                    stride_qm,
+                    stride_qd,
+                    stride_dom,
+                    stride_dod,
+                    seqlen_q,
+                    seqlen_k,
+                    causal_offset,
+                    qk_scale,
+                    dropout_p,
+                    seed,
+                    bh,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_D,
+                    True,
+                    IS_CAUSAL,
+                    HAS_KPM,
+                    HAS_DROPOUT,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    kpm_ptr,
+                    lo_full,
+                    hi_full,
+                    start_n,
+                    tl.arange(0, BLOCK_N),
+                    offs_d,
+                    stride_qm,
+                    stride_qd,
+                    stride_dom,
+                    stride_dod,
+                    seqlen_q,
+                    seqlen_k,
+                    causal_offset,
+                    qk_scale,
+                    dropout_p,
+                    seed,
+                    bh,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_D,
+                    False,
+                    IS_CAUSAL,
+                    HAS_KPM,
+                    HAS_DROPOUT,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
+                # ragged last query block
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    kpm_ptr,
+                    tl.maximum(hi_full, lo_full),
+                    seqlen_q,
+                    start_n,
+                    tl.arange(0, BLOCK_N),
+                    offs_d,
+                    stride_qm,
+                    stride_qd,
+                    stride_dom,
+                    stride_dod,
+                    seqlen_q,
+                    seqlen_k,
+                    causal_offset,
+                    qk_scale,
+                    dropout_p,
+                    seed,
+                    bh,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_D,
+                    True,
+                    IS_CAUSAL,
+                    HAS_KPM,
+                    HAS_DROPOUT,
+                    UPCAST,
+                    DOT_PRECISION,
+                )
+
+        dk = dk * sm_scale
+        if HAS_DROPOUT:
+            dv = dv * (1.0 / (1.0 - dropout_p))
+        dk_ptrs = (
+            DK
+            + b64 * stride_dkb
+            + h_kv * stride_dkh
+            + rows_n * stride_dkn
+            + offs_d[None, :] * stride_dkd
+        )
+        dv_ptrs = (
+            DV
+            + b64 * stride_dvb
+            + h_kv * stride_dvh
+            + rows_n * stride_dvn
+            + offs_d[None, :] * stride_dvd
+        )
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -458,6 +468,7 @@ def _attn_bwd_dq_inner(
     DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
+    keep_scale = 1.0 / (1.0 - dropout_p)  # dropout: kept entries of dP scale up
     arange_n = tl.arange(0, BLOCK_N)
     k_ptrs = K + arange_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + arange_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
@@ -491,8 +502,8 @@ def _attn_bwd_dq_inner(
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_uniform(seed, bh, offs_m, start_n, BLOCK_N) >= dropout_p
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -554,140 +565,144 @@ def attn_bwd_dq_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One grid axis, query blocks fastest: axis 1 would cap batch * heads at 65,535
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_blocks_m
-    pid_m = pid % n_blocks_m
-    if IS_CAUSAL:
-        # the last query blocks see the most keys: launch them first so the tail is short
-        pid_m = n_blocks_m - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-    b64 = (bh // num_heads_q).to(tl.int64)
-    h = (bh % num_heads_q).to(tl.int64)
-    h_kv = h // GROUP
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
+    # causal: the last query blocks see the most keys; each program pairs one with a light one
+    bh, first, n_turns = _program_blocks(n_blocks_m, IS_CAUSAL, True)
+    for turn in range(n_turns):
+        start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
+        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+        b64 = (bh // num_heads_q).to(tl.int64)
+        h = (bh % num_heads_q).to(tl.int64)
+        h_kv = h // GROUP
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(Seed)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m[:, None].to(tl.int64)
-    row_ok = offs_m < seqlen_q
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(
-        Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b64 * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    )
-    o = tl.load(
-        Out + b64 * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    )
-    # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax-backward correction term.
-    # The lse output adds d lse_i / d s_ij = p_ij, i.e. dS = P * (dP - delta + dlse): fold it
-    # into delta (natural-log units, as dP; only the recomputation of P uses log2).
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    row_base = bh.to(tl.int64) * seqlen_q
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
-    # the dK/dV pass, launched after this one, reads it
-    tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = offs_m[:, None].to(tl.int64)
+        row_ok = offs_m < seqlen_q
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(
+            Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+            mask=mask,
+            other=0.0,
+        )
+        do = tl.load(
+            DO
+            + b64 * stride_dob
+            + h * stride_doh
+            + rows * stride_dom
+            + offs_d[None, :] * stride_dod,
+            mask=mask,
+            other=0.0,
+        )
+        o = tl.load(
+            Out + b64 * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
+            mask=mask,
+            other=0.0,
+        )
+        # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax-backward correction term.
+        # The lse output adds d lse_i / d s_ij = p_ij, i.e. dS = P * (dP - delta + dlse): fold it
+        # into delta (natural-log units, as dP; only the recomputation of P uses log2).
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        row_base = bh.to(tl.int64) * seqlen_q
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
+        # the dK/dV pass, launched after this one, reads it
+        tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + b64 * stride_kb + h_kv * stride_kh
-    v_base = V + b64 * stride_vb + h_kv * stride_vh
-    kpm_ptr = KPM + b64 * stride_kpm_b
+        k_base = K + b64 * stride_kb + h_kv * stride_kh
+        v_base = V + b64 * stride_vb + h_kv * stride_vh
+        kpm_ptr = KPM + b64 * stride_kpm_b
 
-    causal_offset = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-    else:
-        hi_full = seqlen_k
-        hi = seqlen_k
-    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, 0)
+        causal_offset = seqlen_k - seqlen_q
+        if IS_CAUSAL:
+            hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+            hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+        else:
+            hi_full = seqlen_k
+            hi = seqlen_k
+        hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(hi, 0)
 
-    dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        k_base,
-        v_base,
-        kpm_ptr,
-        0,
-        hi_full,
-        offs_m,
-        offs_d,
-        stride_kn,
-        stride_kd,
-        stride_vn,
-        stride_vd,
-        seqlen_k,
-        causal_offset,
-        qk_scale,
-        dropout_p,
-        seed,
-        bh,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        False,
-        IS_CAUSAL,
-        HAS_KPM,
-        HAS_DROPOUT,
-        UPCAST,
-        DOT_PRECISION,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        k_base,
-        v_base,
-        kpm_ptr,
-        hi_full,
-        hi,
-        offs_m,
-        offs_d,
-        stride_kn,
-        stride_kd,
-        stride_vn,
-        stride_vd,
-        seqlen_k,
-        causal_offset,
-        qk_scale,
-        dropout_p,
-        seed,
-        bh,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        True,
-        IS_CAUSAL,
-        HAS_KPM,
-        HAS_DROPOUT,
-        UPCAST,
-        DOT_PRECISION,
-    )
-    dq = dq * sm_scale
-    dq_ptrs = (
-        DQ + b64 * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd
-    )
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+        dq = _attn_bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            kpm_ptr,
+            0,
+            hi_full,
+            offs_m,
+            offs_d,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            seqlen_k,
+            causal_offset,
+            qk_scale,
+            dropout_p,
+            seed,
+            bh,
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            False,
+            IS_CAUSAL,
+            HAS_KPM,
+            HAS_DROPOUT,
+            UPCAST,
+            DOT_PRECISION,
+        )
+        dq = _attn_bwd_dq_inner(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            kpm_ptr,
+            hi_full,
+            hi,
+            offs_m,
+            offs_d,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            seqlen_k,
+            causal_offset,
+            qk_scale,
+            dropout_p,
+            seed,
+            bh,
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            True,
+            IS_CAUSAL,
+            HAS_KPM,
+            HAS_DROPOUT,
+            UPCAST,
+            DOT_PRECISION,
+        )
+        dq = dq * sm_scale
+        dq_ptrs = (
+            DQ
+            + b64 * stride_dqb
+            + h * stride_dqh
+            + rows * stride_dqm
+            + offs_d[None, :] * stride_dqd
+        )
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

@@ -13,16 +13,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _dropout_uniform(seed, bh, rows, col_start, N: tl.constexpr):
-    # Uniform [0, 1) draws for the probabilities at query ``rows`` (1-D) and key columns
-    # ``col_start + arange(N)`` (col_start a multiple of 4), as a [len(rows), N] tile. One Philox
-    # call gives four 32-bit values: its counter is (col // 4, row, batch * heads_q + head, 0)
-    # under the key ``seed`` and column col gets value col % 4. Every element of a
-    # (batch, heads, seq_q, seq_k) tensor gets its own draw (no 32-bit row * seq_k + col that
-    # wraps), and any kernel regenerates the forward's draws from (row, col) alone, in either
-    # orientation (the dK/dV pass transposes the tile).
-    groups = (col_start // 4 + tl.arange(0, N // 4)).to(tl.uint32)
-    zero = tl.zeros([rows.shape[0], N // 4], dtype=tl.uint32)
+def _program_blocks(n_blocks, PAIRED: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    # One grid axis, blocks fastest: axis 1 would cap batch * heads at 65,535. Returns
+    # (batch * heads index, first block, number of blocks) of this program.
+    # PAIRED (causal): block costs fall linearly along the sequence, and a launch of a few waves
+    # ends on its heaviest programs (the GQA dK/dV pass has 1/GROUP of the programs, so few
+    # waves). So program i takes the pair (i, n - 1 - i), heaviest first: every program does the
+    # same work. With an odd count the middle block is alone.
+    pid = tl.program_id(0)
+    if PAIRED:
+        n_programs = (n_blocks + 1) // 2
+        bh = pid // n_programs
+        pair = pid % n_programs
+        n_turns = tl.where(n_blocks - 1 - pair == pair, 1, 2)
+        if HEAVY_LAST:
+            first = n_blocks - 1 - pair
+        else:
+            first = pair
+    else:
+        bh = pid // n_blocks
+        first = pid % n_blocks
+        n_turns = 1
+    return bh, first, n_turns
+
+
+@triton.jit
+def _turn_block(first, turn, n_blocks):
+    # turn 0: the first block; turn 1: its partner n - 1 - first
+    return first + turn * (n_blocks - 1 - 2 * first)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    # The keep-mask of the probabilities at query ``rows`` (1-D) and key columns
+    # ``col_start + arange(N)`` (col_start a multiple of 8): a [len(rows), N] tile, or its
+    # transpose (the dK/dV pass's (key, query) orientation). Each element gets its own 16-bit
+    # draw, kept when the draw is >= dropout_p * 2^16 (dropout_p at 1/65536 resolution). One
+    # Philox call gives four 32-bit values, eight draws: its counter is
+    # (col // 8, row, batch * heads_q + head, 0) under the key ``seed``, and column 8g + 2c + h
+    # gets half h (0: low) of value c. Unique for every element of a (batch, heads, seq_q,
+    # seq_k) tensor (no 32-bit row * seq_k + col that wraps), and any kernel regenerates the
+    # forward's mask from (row, col) alone.
+    M: tl.constexpr = rows.shape[0]
+    groups = (col_start // 8 + tl.arange(0, N // 8)).to(tl.uint32)
+    zero = tl.zeros([M, N // 8], dtype=tl.uint32)
     r0, r1, r2, r3 = tl.philox(
         seed,
         zero + groups[None, :],
@@ -30,9 +64,12 @@ def _dropout_uniform(seed, bh, rows, col_start, N: tl.constexpr):
         zero + bh.to(tl.uint32),
         zero,
     )
-    # join(join(r0, r2), join(r1, r3))[m, g, j, i] = r_(2j + i): flattened, column 4g + c gets r_c
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], N])
-    return tl.uint_to_uniform_float(r)
+    # join(join(r0, r2), join(r1, r3))[m, g, j, i] = r_(2j + i): column pair 4g + c gets r_c
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [M, N // 2])
+    bits = tl.reshape(tl.join(r & 0xFFFF, r >> 16), [M, N])
+    if TRANSPOSED:
+        bits = tl.trans(bits)
+    return bits >= tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)
 
 
 @triton.jit
@@ -104,8 +141,9 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_uniform(seed, bh, offs_m, start_n, BLOCK_N) >= dropout_p
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            # kept probabilities unscaled: the 1 / (1 - dropout_p) multiplies the output once
+            keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
+            p = tl.where(keep, p, 0.0)
         if MASKED:
             v = tl.load(
                 v_ptrs + v_off,
@@ -163,157 +201,157 @@ def attn_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One grid axis, query blocks fastest: axis 1 would cap batch * heads at 65,535
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_blocks_m
-    pid_m = pid % n_blocks_m
-    if IS_CAUSAL:
-        # the last query blocks see the most keys: launch them first so the tail is short
-        pid_m = n_blocks_m - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-    b = (bh // num_heads_q).to(tl.int64)
-    h = (bh % num_heads_q).to(tl.int64)
-    h_kv = h // GROUP
+    # causal: the last query blocks see the most keys; each program pairs one with a light one
+    bh, first, n_turns = _program_blocks(n_blocks_m, IS_CAUSAL, True)
+    for turn in range(n_turns):
+        start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
+        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+        b = (bh // num_heads_q).to(tl.int64)
+        h = (bh % num_heads_q).to(tl.int64)
+        h_kv = h // GROUP
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    row_mask = offs_m < seqlen_q
-    rows64 = offs_m.to(tl.int64)
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        row_mask = offs_m < seqlen_q
+        rows64 = offs_m.to(tl.int64)
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(Seed)
 
-    q_ptrs = (
-        Q
-        + b * stride_qb
-        + h * stride_qh
-        + rows64[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd
-    )
-    k_ptrs = (
-        K
-        + b * stride_kb
-        + h_kv * stride_kh
-        + offs_n[:, None].to(tl.int64) * stride_kn
-        + offs_d[None, :] * stride_kd
-    )
-    v_ptrs = (
-        V
-        + b * stride_vb
-        + h_kv * stride_vh
-        + offs_n[:, None].to(tl.int64) * stride_vn
-        + offs_d[None, :] * stride_vd
-    )
-    kpm_ptr = KPM + b * stride_kpm_b
+        q_ptrs = (
+            Q
+            + b * stride_qb
+            + h * stride_qh
+            + rows64[:, None] * stride_qm
+            + offs_d[None, :] * stride_qd
+        )
+        k_ptrs = (
+            K
+            + b * stride_kb
+            + h_kv * stride_kh
+            + offs_n[:, None].to(tl.int64) * stride_kn
+            + offs_d[None, :] * stride_kd
+        )
+        v_ptrs = (
+            V
+            + b * stride_vb
+            + h_kv * stride_vh
+            + offs_n[:, None].to(tl.int64) * stride_vn
+            + offs_d[None, :] * stride_vd
+        )
+        kpm_ptr = KPM + b * stride_kpm_b
 
-    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+        q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
-    causal_offset = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        # keys visible to every row of the block / to at least one row of it
-        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-    else:
-        hi_full = seqlen_k
-        hi = seqlen_k
-    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, 0)
+        # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
+        causal_offset = seqlen_k - seqlen_q
+        if IS_CAUSAL:
+            # keys visible to every row of the block / to at least one row of it
+            hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+            hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+        else:
+            hi_full = seqlen_k
+            hi = seqlen_k
+        hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(hi, 0)
 
-    # stage 1: whole blocks that need no mask
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        kpm_ptr,
-        start_m,
-        0,
-        hi_full,
-        seqlen_q,
-        seqlen_k,
-        causal_offset,
-        qk_scale,
-        dropout_p,
-        seed,
-        bh,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_n,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        False,
-        IS_CAUSAL,
-        HAS_KPM,
-        HAS_DROPOUT,
-        UPCAST,
-        DOT_PRECISION,
-    )
-    # stage 2: the causal diagonal band and the ragged end of the keys
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        kpm_ptr,
-        start_m,
-        hi_full,
-        hi,
-        seqlen_q,
-        seqlen_k,
-        causal_offset,
-        qk_scale,
-        dropout_p,
-        seed,
-        bh,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_n,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        True,
-        IS_CAUSAL,
-        HAS_KPM,
-        HAS_DROPOUT,
-        UPCAST,
-        DOT_PRECISION,
-    )
+        # stage 1: whole blocks that need no mask
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            kpm_ptr,
+            start_m,
+            0,
+            hi_full,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            qk_scale,
+            dropout_p,
+            seed,
+            bh,
+            stride_kn,
+            stride_vn,
+            offs_m,
+            offs_n,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            False,
+            IS_CAUSAL,
+            HAS_KPM,
+            HAS_DROPOUT,
+            UPCAST,
+            DOT_PRECISION,
+        )
+        # stage 2: the causal diagonal band and the ragged end of the keys
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            kpm_ptr,
+            start_m,
+            hi_full,
+            hi,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            qk_scale,
+            dropout_p,
+            seed,
+            bh,
+            stride_kn,
+            stride_vn,
+            offs_m,
+            offs_n,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_N,
+            BLOCK_D,
+            True,
+            IS_CAUSAL,
+            HAS_KPM,
+            HAS_DROPOUT,
+            UPCAST,
+            DOT_PRECISION,
+        )
 
-    # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(
-        empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    )
-    tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_mask)
-    o_ptrs = (
-        Out
-        + b * stride_ob
-        + h * stride_oh
-        + rows64[:, None] * stride_om
-        + offs_d[None, :] * stride_od
-    )
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+        # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        if HAS_DROPOUT:
+            acc = acc * (1.0 / (1.0 - dropout_p))
+        lse = tl.where(
+            empty,
+            float("-inf"),
+            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
+        )
+        tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_mask)
+        o_ptrs = (
+            Out
+            + b * stride_ob
+            + h * stride_oh
+            + rows64[:, None] * stride_om
+            + offs_d[None, :] * stride_od
+        )
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -338,7 +376,7 @@ def dropout_mask_kernel(
     base = Mask + bh.to(tl.int64) * n_rows * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_uniform(seed, bh, rows, start_n, BLOCK_N) >= dropout_p
+        keep = _dropout_keep(seed, bh, rows, start_n, dropout_p, BLOCK_N, False)
         ptrs = base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
         tl.store(
             ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < n_rows) & (cols[None, :] < seqlen_k)
