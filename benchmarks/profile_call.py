@@ -1,7 +1,13 @@
 """Where the host time of one attention call goes: the GPT-2 layer of bench_call.py, host µs per
-call (20 calls after a sync) for ours and sdpa, and a cProfile of ours by tottime. Needs a GPU.
+call (20 calls after a sync, best of 5) for ours and sdpa, split into the layers of our path,
+then a cProfile of ours by tottime. Needs a GPU.
 
     python benchmarks/profile_call.py
+
+Layers, each timed on its own: one forward kernel launch through our launcher (the compiled
+kernel's own launcher after the first call) and through ``kernel[grid]``; ``flash_attn`` without
+autograd; ``flash_attn`` recording autograd; the transformers hook (``attention_forward``);
+forward + backward.
 """
 
 import cProfile
@@ -9,34 +15,75 @@ import io
 import pstats
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))
 import bench_call as b
 import torch
 
-layer = b.LAYERS["gpt2"]
-impls = b.implementations()
-mod = b.AttentionModule(layer).cuda()
-q, k, v, dout = b.make_inputs(layer)
-for name in ("ours", "sdpa"):
-    for mode in ("fwd", "fwd+bwd"):
-        fn = b.step(impls[name], mod, layer, q, k, v, dout, mode)
-        for _ in range(20):
-            fn()
+from hf_flashattn import flash_attn, op
+
+CALLS = 20
+
+
+def host_us(fn) -> float:
+    best = float("inf")
+    for _ in range(5):
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(CALLS):
             fn()
-        host = (time.perf_counter() - t) / 20 * 1e6
+        best = min(best, (time.perf_counter() - start) / CALLS * 1e6)
         torch.cuda.synchronize()
-        print(f"{name} {mode}: host {host:.1f} us/call (20 calls after sync)")
-        if name == "ours":
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(20):
-                fn()
-            pr.disable()
-            torch.cuda.synchronize()
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
-            print(s.getvalue()[-6000:])
+    return best
+
+
+def forward_launch(q, k, v, direct: bool):
+    """One forward kernel launch with _forward's arguments, nothing else."""
+    batch, heads, seq, dim = q.shape
+    out, lse = torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+    launcher = op._launcher("fwd", (q.dtype, dim, 1, True, False, False, False))
+    tensors = (q, k, v, out, lse, q, q)
+    floats = (dim**-0.5 * op._LOG2E, 0.0)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), 0, heads, seq, seq)
+    if direct:
+        return lambda: launcher(seq, batch * heads, tensors, floats, ints)
+    blocks = (seq + launcher.block - 1) // launcher.block
+    grid = ((blocks + 1) // 2 * batch * heads,)  # causal: a pair of blocks per program
+    return lambda: launcher.kernel[grid](*tensors, *floats, *ints, **launcher.kwargs)
+
+
+def main() -> None:
+    layer = b.LAYERS["gpt2"]
+    impls = b.implementations()
+    module = b.AttentionModule(layer)
+    q, k, v, dout = b.make_inputs(layer)
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    scale = layer.head_dim**-0.5
+    parts = {
+        "launch, direct": forward_launch(qd, kd, vd, direct=True),
+        "launch, kernel[grid]": forward_launch(qd, kd, vd, direct=False),
+        "flash_attn, no grad": lambda: flash_attn(qd, kd, vd, causal=True, scale=scale),
+        "flash_attn, grad": lambda: flash_attn(q, k, v, causal=True, scale=scale),
+    }
+    for name, impl in impls.items():
+        parts[f"{name} hook fwd"] = b.step(impl, module, layer, q, k, v, dout, "fwd")
+        parts[f"{name} hook fwd+bwd"] = b.step(impl, module, layer, q, k, v, dout, "fwd+bwd")
+    for name, fn in parts.items():
+        fn()  # compile outside the timings
+        print(f"{name:24s} {host_us(fn):8.1f} us/call")
+
+    pr = cProfile.Profile()
+    fn = parts["ours hook fwd+bwd"]
+    pr.enable()
+    for _ in range(CALLS):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()

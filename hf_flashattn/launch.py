@@ -2,26 +2,30 @@
 
 ``kernel[grid](*args)`` re-derives the kernel's specialisation from every argument on every
 call (Triton 3.6: ~40-80 µs of host time for our ~40 arguments, more than the GPU needs for a
-GPT-2-sized attention call). A ``_Launcher`` pays that once per *binary key*: the argument
-values that can change the compiled binary (every int argument's value, each tensor's dtype
-and 16-byte alignment, the device). On a hit it calls the compiled kernel's own launcher
-directly, as PyTorch's inductor does for its Triton kernels. Keying on the int values
-themselves, rather than re-implementing Triton's rules (==1, divisible by 16, fits in 32 bits),
-cannot pick a wrong binary: equal keys are equal specialisations whatever the rules are. A new
-sequence length is one slow launch, then cached.
+GPT-2-sized attention call), and its launcher asks the driver about every tensor pointer. A
+``_Launcher`` pays that once per *binary key*: the int arguments' values and the device, with
+every tensor 16-byte aligned (what Triton specialises on; the tensors' dtypes are fixed per
+launcher by the caller). On a hit it calls the compiled kernel's own launcher directly, with
+raw device pointers, as PyTorch's inductor does for its Triton kernels. Keying on the int
+values themselves, rather than re-implementing Triton's rules (==1, divisible by 16, fits in
+32 bits), cannot pick a wrong binary: equal keys are equal specialisations whatever the rules
+are. A new sequence length is one slow launch, then cached; misaligned tensors (views at odd
+offsets) always take the slow launch.
 
 The direct call leans on the launcher's calling convention
 ``run(grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter_hook,
-exit_hook, *args)`` (Triton 3.3 to 3.9 at least). When that convention does not hold (a
-TypeError before anything launches), or under the interpreter, or while a launch hook is set
-(profilers such as proton need it called), every launch takes ``kernel[grid]``.
+exit_hook, *args)`` (Triton 3.3 to 3.9 at least), with pointers as ints. When that convention
+does not hold (a TypeError before anything launches), or under the interpreter, or while a
+launch hook is set (profilers such as proton need it called), every launch takes
+``kernel[grid]``.
 """
 
 from __future__ import annotations
 
 import warnings
+from functools import reduce
+from operator import or_
 
-import torch
 from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
 
@@ -59,20 +63,6 @@ def _active(hook) -> bool:
 def _stream_getter():
     # Triton's own: the current stream of a device index, as kernel[grid] launches on
     return driver.active.get_current_stream
-
-
-def binary_key(args: tuple) -> tuple:
-    """What of ``args`` can change the compiled binary: ints by value, tensors by dtype,
-    device and 16-byte alignment, floats not at all (Triton does not specialise them)."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.get_device(), a.data_ptr() % 16 == 0))
-        elif type(a) is float:
-            key.append(float)
-        else:
-            key.append(a)
-    return tuple(key)
 
 
 class _Launcher:
@@ -136,18 +126,24 @@ class _Launcher:
             tail.append(self.kwargs[p.name])
         return tuple(tail)
 
-    def __call__(self, rows: int, heads: int, *args) -> None:
-        direct = self.binaries is not None and _direct_launch["enabled"] and not _hooks_set()
-        key = binary_key(args) if direct else None
+    def __call__(self, rows: int, heads: int, tensors: tuple, floats: tuple, ints: tuple):
+        """Launch over ``rows`` (queries or keys) x ``heads`` with the kernel's arguments in
+        signature order: pointer tensors, then floats, then ints (constexprs come from the
+        constructor)."""
+        key = ptrs = None
+        if self.binaries is not None and _direct_launch["enabled"] and not _hooks_set():
+            ptrs = [t.data_ptr() for t in tensors]
+            if tensors and not reduce(or_, ptrs) & 15:
+                key = (tensors[0].get_device(), ints)
         while True:
             blocks = (rows + self.block - 1) // self.block
             grid_x = ((blocks + 1) // 2 if self.paired else blocks) * heads
-            if direct:
+            if key is not None:
                 hit = self.binaries.get(key)
-                if hit is not None and self._run_direct(hit, grid_x, args):
+                if hit is not None and self._run_direct(hit, grid_x, ptrs, floats, ints):
                     return
             try:
-                compiled = self.kernel[(grid_x,)](*args, **self.kwargs)
+                compiled = self.kernel[(grid_x,)](*tensors, *floats, *ints, **self.kwargs)
             except OutOfResources:
                 # Triton raises before anything runs; the config that fits is kept for later
                 smaller = self.cfg.smaller()
@@ -155,11 +151,11 @@ class _Launcher:
                     raise
                 self._use(smaller)
                 continue
-            if direct:
-                self._remember(key, compiled, args)
+            if key is not None:
+                self._remember(key, compiled, len(tensors) + len(floats) + len(ints))
             return
 
-    def _run_direct(self, hit: tuple, grid_x: int, args: tuple) -> bool:
+    def _run_direct(self, hit: tuple, grid_x: int, ptrs: list, floats: tuple, ints: tuple):
         run, function, metadata, stream, device_index = hit
         try:
             run(
@@ -170,7 +166,9 @@ class _Launcher:
                 function,
                 metadata,
                 *_NO_HOOKS,
-                *args,
+                *ptrs,
+                *floats,
+                *ints,
                 *self.tail,
             )
         except TypeError as err:  # parsed before anything launches: the convention changed
@@ -183,22 +181,21 @@ class _Launcher:
             return False
         return True
 
-    def _remember(self, key: tuple, compiled, args: tuple) -> None:
+    def _remember(self, key: tuple, compiled, n_args: int) -> None:
         function = getattr(compiled, "function", None)
         if function is None:  # the interpreter, or a stand-in kernel: nothing to call directly
             return
         if self.tail is None:
-            self.tail = self._constexpr_tail(len(args))
+            self.tail = self._constexpr_tail(n_args)
             if self.tail is None:
                 self.binaries = None
                 return
         if len(self.binaries) >= _MAX_BINARIES:
             self.binaries.clear()
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device
         self.binaries[key] = (
             compiled.run,
             function,
             compiled.packed_metadata,
             _stream_getter(),
-            device.index,
+            key[0],
         )

@@ -446,10 +446,10 @@ def test_config_steps_down_when_shared_memory_runs_out():
 
     cfg = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     launcher = _Launcher(KernelNeedingSmallTiles(), cfg, True, {"HEAD_DIM": 64})
-    launcher(100, 3)  # 100 keys in blocks of BLOCK_N, times 3 heads
+    launcher(100, 3, (), (), ())  # 100 keys in blocks of BLOCK_N, times 3 heads
     assert attempts == [(64, 3), (64, 2), (64, 1), (32, 1)]
     assert launched == [((4 * 3,), 128, 32, 1, 64)]
-    launcher(100, 3)
+    launcher(100, 3, (), (), ())
     assert attempts[4:] == [(32, 1)], "the config that fit is remembered"
 
     class KernelThatNeverFits:
@@ -460,7 +460,7 @@ def test_config_steps_down_when_shared_memory_runs_out():
             return launch
 
     with pytest.raises(OutOfResources):
-        _Launcher(KernelThatNeverFits(), cfg, False, {})(10, 1)
+        _Launcher(KernelThatNeverFits(), cfg, False, {})(10, 1, (), (), ())
 
 
 class _CompiledStandIn:
@@ -512,31 +512,42 @@ def _direct_launcher(kernel, monkeypatch):
 
 
 def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
-    """After one kernel[grid] launch per binary key (int values, tensor dtype and alignment),
-    calls go straight to the compiled kernel's launcher with the constexprs appended in
-    signature order; anything that can change the binary launches the safe way again."""
+    """After one kernel[grid] launch per binary key (int values, device; every tensor 16-byte
+    aligned), calls go straight to the compiled kernel's launcher with raw pointers and the
+    constexprs appended in signature order; anything that can change the binary launches the
+    safe way again."""
     from hf_flashattn import launch
 
     kernel = _JitStandIn()
     launcher = _direct_launcher(kernel, monkeypatch)
     x = torch.zeros(64, dtype=torch.float16)
-    launcher(40, 2, x, 40, 0.5)
-    assert kernel.slow == [((3 * 2,), (x, 40, 0.5))] and kernel.direct == []
-    launcher(40, 2, x, 40, 0.25)  # floats are not specialised: same binary
+    launcher(40, 2, (x,), (0.5,), (40,))
+    assert kernel.slow == [((3 * 2,), (x, 0.5, 40))] and kernel.direct == []
+    launcher(40, 2, (x,), (0.25,), (40,))  # floats are not specialised: same binary
     assert len(kernel.slow) == 1
-    assert kernel.direct == [(6, 1, 1, f"stream{x.device.index}", "function", "metadata",
-                              None, None, None, x, 40, 0.25, 16, 32, 7)]  # fmt: skip
-    launcher(48, 2, x, 48, 0.5)  # another int value: another binary key
-    launcher(40, 2, x[1:], 40, 0.5)  # misaligned by 2 bytes: another binary key
-    launcher(40, 2, x.float(), 40, 0.5)  # another dtype
+    assert kernel.direct == [(6, 1, 1, f"stream{x.get_device()}", "function", "metadata",
+                              None, None, None, x.data_ptr(), 0.25, 40, 16, 32, 7)]  # fmt: skip
+    launcher(48, 2, (x,), (0.5,), (48,))  # another int value: another binary key
+    launcher(40, 2, (x[1:],), (0.5,), (40,))  # misaligned by 2 bytes: never direct
+    launcher(40, 2, (x[1:],), (0.5,), (40,))
     assert len(kernel.slow) == 4 and len(kernel.direct) == 1
-    launcher(48, 2, x, 48, 0.5)
+    launcher(48, 2, (x,), (0.5,), (48,))
     assert len(kernel.slow) == 4 and kernel.direct[-1][0] == 3 * 2
 
     # a profiler's launch hook must be called: while one is set, kernel[grid] launches
     monkeypatch.setattr(launch, "_hooks_set", lambda: True)
-    launcher(40, 2, x, 40, 0.5)
+    launcher(40, 2, (x,), (0.5,), (40,))
     assert len(kernel.slow) == 5 and len(kernel.direct) == 2
+
+
+def test_causal_launches_give_each_program_a_pair_of_blocks(monkeypatch):
+    kernel = _JitStandIn()
+    launcher = _direct_launcher(kernel, monkeypatch)
+    launcher.paired = True
+    x = torch.zeros(64, dtype=torch.float16)
+    for rows, programs in ((16, 1), (32, 1), (48, 2), (160, 5)):  # blocks of 16 rows
+        launcher(rows, 3, (x,), (0.5,), (rows,))
+        assert kernel.slow[-1][0] == (programs * 3,)
 
 
 def test_direct_launch_falls_back_when_the_launcher_convention_differs(monkeypatch):
@@ -545,12 +556,12 @@ def test_direct_launch_falls_back_when_the_launcher_convention_differs(monkeypat
     kernel = _JitStandIn(fail_direct=True)
     launcher = _direct_launcher(kernel, monkeypatch)
     x = torch.zeros(64, dtype=torch.float16)
-    launcher(40, 2, x, 40, 0.5)
+    launcher(40, 2, (x,), (0.5,), (40,))
     with pytest.warns(UserWarning, match="direct kernel launch unavailable"):
-        launcher(40, 2, x, 40, 0.5)
+        launcher(40, 2, (x,), (0.5,), (40,))
     assert len(kernel.slow) == 2, "the call still launched, the safe way"
     assert launch._direct_launch["enabled"] is False
-    launcher(40, 2, x, 40, 0.5)
+    launcher(40, 2, (x,), (0.5,), (40,))
     assert len(kernel.slow) == 3
 
 

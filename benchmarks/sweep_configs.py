@@ -1,0 +1,78 @@
+"""Block configs per kernel at the attention calls models make: for each layer of bench_call.py
+and each kernel (fwd, dq, dkdv), forward + backward time with each candidate config forced on
+that kernel (the others keep the tables'), GPU time by ``do_bench``. Needs a GPU.
+
+    python benchmarks/sweep_configs.py                       # llama_0.5b and gpt2
+    python benchmarks/sweep_configs.py --layers gpt2 --out sweep.json
+
+The kernels' own table entry is marked with ``*``; a candidate that does not fit in shared
+memory, or fails, is reported as such and skipped. Pick table entries from the JSON, then
+confirm with bench_call.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_call as b
+import torch
+from common import bench_ms, environment, error_string, jsonable, write_json
+
+from hf_flashattn.kernels import configs
+from hf_flashattn.kernels.configs import KernelConfig
+from hf_flashattn.op import forced_configs
+
+C = KernelConfig
+# (block_m, block_n, warps, stages); dK/dV: block_n is the resident key block
+CANDIDATES = {
+    "fwd": [C(128, 64, 8, 3), C(128, 128, 8, 2), C(128, 64, 4, 3), C(64, 64, 4, 3),
+            C(128, 32, 4, 3), C(128, 128, 8, 3), C(64, 128, 4, 2)],
+    "dq": [C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 32, 4, 3),
+           C(64, 128, 8, 2), C(128, 64, 8, 2), C(64, 64, 4, 2)],
+    "dkdv": [C(64, 128, 8, 2), C(32, 128, 4, 3), C(32, 128, 8, 3), C(64, 128, 8, 3),
+             C(64, 64, 4, 3), C(128, 128, 8, 2), C(64, 128, 4, 2), C(32, 64, 4, 3)],
+}  # fmt: skip
+TABLE = {"fwd": configs.fwd_config, "dq": configs.bwd_dq_config, "dkdv": configs.bwd_dkdv_config}
+
+
+def sweep_layer(name: str, layer: b.Layer) -> list[dict]:
+    impls = b.implementations()
+    module = b.AttentionModule(layer)
+    q, k, v, dout = b.make_inputs(layer)
+    fn = b.step(impls["ours"], module, layer, q, k, v, dout, "fwd+bwd")
+    rows = []
+    for kernel, candidates in CANDIDATES.items():
+        table = TABLE[kernel](layer.head_dim, False)
+        for cfg in candidates:
+            row = {"layer": name, "kernel": kernel, "config": cfg.__dict__, "table": cfg == table}
+            try:
+                with forced_configs(**{kernel: cfg}):
+                    fn()
+                    row["ms"] = bench_ms(fn)
+            except Exception as exc:  # out of shared memory, compile failures
+                row["error"] = error_string(exc)
+            rows.append(row)
+            mark = "*" if row["table"] else " "
+            result = f"{row['ms']:.3f} ms" if "ms" in row else row["error"][:80]
+            print(f"{name:12s} {kernel:5s} {mark} {cfg}  {result}", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layers", nargs="+", default=["llama_0.5b", "gpt2"], choices=list(b.LAYERS))
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: none)")
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.layers:
+        rows += sweep_layer(name, b.LAYERS[name])
+        torch.cuda.empty_cache()
+    if args.out:
+        write_json(args.out, jsonable({"environment": environment(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
