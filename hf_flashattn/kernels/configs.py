@@ -45,7 +45,9 @@ _FWD_GPU = (
 # dK/dV: block_n is the resident K/V block (the M of every dot), block_m the Q step
 _BWD_DKDV_GPU = (
     (64, KernelConfig(block_m=32, block_n=128, num_warps=4, num_stages=3)),
-    (128, KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)),
+    # D=128: 32-row query steps, 3 stages: 7% off the LLaMA layer's forward + backward
+    # (benchmarks/sweep_configs.py, H200, 2026-11-30) against 64 rows and 2 stages
+    (128, KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)),
     (256, KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)),
 )
 _BWD_DQ_GPU = (
