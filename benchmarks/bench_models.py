@@ -64,8 +64,9 @@ MODELS = {
 DECODE_MODEL = "llama"
 
 
-def build(name: str, impl: str):
-    """A randomly initialised bf16 model on the GPU (seeded: the same weights for every impl)."""
+def build(name: str, impl: str, dtype: torch.dtype = torch.bfloat16):
+    """A randomly initialised model on the GPU, bf16 unless asked (seeded: the same weights for
+    every impl)."""
     import transformers
 
     if impl == OURS:
@@ -75,7 +76,7 @@ def build(name: str, impl: str):
     torch.manual_seed(0)
     with torch.device(DEVICE):  # initialise on the GPU: seconds instead of a minute on the CPU
         model = transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation=impl, dtype=torch.bfloat16
+            config, attn_implementation=impl, dtype=dtype
         )
     return model.to(DEVICE)
 
