@@ -70,26 +70,29 @@ class _Launcher:
     config (stepped down the first time a GPU lacks the shared memory for it), the keyword
     arguments (constexprs and launch options) and the compiled binaries seen so far.
 
-    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it):
+    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it),
+    or ``rows * heads`` where the rows are programs already:
     grid axis 1 would cap batch * heads at 65,535. Paired (causal) kernels give each program
     two blocks, so half as many.
     """
 
     __slots__ = (
-        "kernel", "along_keys", "paired", "cfg", "block", "constexprs", "kwargs", "tail", "binaries"
+        "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail", "binaries"
     )  # fmt: skip
 
     def __init__(
         self,
         kernel,
         cfg: KernelConfig,
-        along_keys: bool,
+        grid_block: str | None,
         constexprs: dict,
         direct: bool = True,
         paired: bool = False,
     ) -> None:
         self.kernel = kernel
-        self.along_keys = along_keys  # True: one program per key block (dK/dV)
+        # the block that tiles the rows: "block_m" (queries), "block_n" (keys, dK/dV), or None
+        # (the rows are the programs: one per split, one per query)
+        self.grid_block = grid_block
         self.paired = paired  # True: one program per pair of blocks (causal load balance)
         self.constexprs = constexprs
         # binary key -> (run, function, metadata) of the compiled kernel; None: never direct
@@ -98,11 +101,13 @@ class _Launcher:
 
     def _use(self, cfg: KernelConfig) -> None:
         self.cfg = cfg
-        self.block = cfg.block_n if self.along_keys else cfg.block_m
+        self.block = getattr(cfg, self.grid_block) if self.grid_block else 1
+        # the block sizes the kernel takes (all of them where it does not say)
+        params = getattr(self.kernel, "arg_names", None) or ("BLOCK_M", "BLOCK_N")
+        blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
         self.kwargs = dict(
             self.constexprs,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
+            **{name: size for name, size in blocks.items() if name in params},
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -445,7 +445,7 @@ def test_config_steps_down_when_shared_memory_runs_out():
             return launch
 
     cfg = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    launcher = _Launcher(KernelNeedingSmallTiles(), cfg, True, {"HEAD_DIM": 64})
+    launcher = _Launcher(KernelNeedingSmallTiles(), cfg, "block_n", {"HEAD_DIM": 64})
     launcher(100, 3, (), (), ())  # 100 keys in blocks of BLOCK_N, times 3 heads
     assert attempts == [(64, 3), (64, 2), (64, 1), (32, 1)]
     assert launched == [((4 * 3,), 128, 32, 1, 64)]
@@ -460,7 +460,7 @@ def test_config_steps_down_when_shared_memory_runs_out():
             return launch
 
     with pytest.raises(OutOfResources):
-        _Launcher(KernelThatNeverFits(), cfg, False, {})(10, 1, (), (), ())
+        _Launcher(KernelThatNeverFits(), cfg, "block_m", {})(10, 1, (), (), ())
 
 
 class _CompiledStandIn:
@@ -508,7 +508,7 @@ def _direct_launcher(kernel, monkeypatch):
     monkeypatch.setattr(launch, "_stream_getter", lambda: lambda index: f"stream{index}")
     monkeypatch.setitem(launch._direct_launch, "enabled", True)
     cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
-    return launch._Launcher(kernel, cfg, False, {"FLAG": 7})
+    return launch._Launcher(kernel, cfg, "block_m", {"FLAG": 7})
 
 
 def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
