@@ -42,7 +42,7 @@ def forward_launch(q, k, v, direct: bool):
     """One forward kernel launch with _forward's arguments, nothing else."""
     batch, heads, seq, dim = q.shape
     out, lse = torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
-    launcher = op._launcher("fwd", (q.dtype, dim, 1, True, False, False, False))
+    launcher = op._launcher("fwd", (q.dtype, dim, 1, True, False, False, False, False))
     tensors = (q, k, v, out, lse, q, q)
     floats = (dim**-0.5 * op._LOG2E, 0.0)
     ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), 0, heads, seq, seq)
