@@ -104,6 +104,26 @@ def test_key_padding_mask(device, causal):
     assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_outside_the_kept_keys_skips_whole_blocks_exactly(device, causal):
+    """Key blocks before the first kept key or after the last one are skipped: right padding
+    over several blocks, left padding over several blocks, holes between two kept keys (the
+    blocks between them still run), one kept key, none."""
+    seqlen_q, seqlen_k = 70, 333
+    q, k, v = _inputs(device, torch.float16, 5, 2, 1, seqlen_q, seqlen_k, 64)
+    keys = torch.arange(seqlen_k)
+    mask = torch.stack(
+        [
+            keys < 70,  # right padding: the last 4 of 6 blocks (64 keys) hold no kept key
+            keys >= 260,  # left padding
+            (keys == 3) | (keys == 300),  # the first and the last block, a gap of 4 between
+            keys == 200,
+            torch.zeros(seqlen_k, dtype=torch.bool),
+        ]
+    )
+    _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
+
+
 def test_scale(device):
     q, k, v = _inputs(device, torch.float16, 1, 2, 2, 40, 40, 64)
     _check(device, torch.float16, q, k, v, causal=False, scale=0.3)

@@ -17,7 +17,7 @@ order of the additions, hence dQ's last bits, varies from run to run.
 import triton
 import triton.language as tl
 
-from .fwd import _dropout_keep, _program_blocks, _turn_block
+from .fwd import _dropout_keep, _kept_key_range, _key_bounds, _program_blocks, _turn_block
 
 
 @triton.jit
@@ -281,8 +281,13 @@ def attn_bwd_dkdv_kernel(
         # the key block itself is ragged at the end of the sequence: mask every block then
         ragged_k = start_n + BLOCK_N > seqlen_k
         hi_full = seqlen_q // BLOCK_M * BLOCK_M
+        n_heads = GROUP
+        if HAS_KPM:
+            # a key block outside the kept keys gets dK = dV = 0 without visiting any query
+            kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k)
+            n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
 
-        for g in range(GROUP):
+        for g in range(n_heads):
             h = h_kv * GROUP + g
             bh = b64 * num_heads_q + h
             q_base = Q + b64 * stride_qb + h * stride_qh
@@ -677,18 +682,15 @@ def attn_bwd_dq_kernel(
         kpm_ptr = KPM + b64 * stride_kpm_b
 
         causal_offset = seqlen_k - seqlen_q
-        if IS_CAUSAL:
-            hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-            hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-        else:
-            hi_full = seqlen_k
-            hi = seqlen_k
-        hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(hi, 0)
         if DELTA_ONLY:
             # the fused backward's preprocess: delta, and dQ's float32 accumulator zeroed
-            hi_full = hi * 0
-            hi = hi * 0
+            lo = start_m * 0
+            hi_full = lo
+            hi = lo
+        else:
+            lo, hi_full, hi = _key_bounds(
+                start_m, seqlen_k, causal_offset, kpm_ptr, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM
+            )
 
         dq = _attn_bwd_dq_inner(
             dq,
@@ -699,7 +701,7 @@ def attn_bwd_dq_kernel(
             k_base,
             v_base,
             kpm_ptr,
-            0,
+            lo,
             hi_full,
             offs_m,
             offs_d,

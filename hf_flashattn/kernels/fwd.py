@@ -44,6 +44,54 @@ def _turn_block(first, turn, n_blocks):
 
 
 @triton.jit
+def _kept_key_range(kpm_ptr, seqlen_k, SCAN: tl.constexpr = 1024):
+    # [first kept key, last kept key + 1) of one row of the key padding mask; (seqlen_k, 0) when
+    # nothing is kept. Keys outside it are all masked, so their blocks need no work: padded
+    # batches (a padding collator's right padding, generation's left padding) skip them.
+    first = seqlen_k
+    end = seqlen_k * 0
+    for start in range(0, seqlen_k, SCAN):
+        cols = start + tl.arange(0, SCAN)
+        kept = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(kept, cols, seqlen_k), 0))
+        end = tl.maximum(end, tl.max(tl.where(kept, cols + 1, 0), 0))
+    return first, end
+
+
+@triton.jit
+def _key_bounds(
+    start_m,
+    seqlen_k,
+    causal_offset,
+    kpm_ptr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+):
+    # The key blocks a query block [start_m, start_m + BLOCK_M) visits, for the forward and the
+    # dQ pass: [lo, hi_full) whole blocks every row sees (no causal or length mask), then
+    # [hi_full, hi) the causal diagonal band and the ragged end. Bottom-right causal alignment:
+    # query i sees keys j <= i + causal_offset.
+    if IS_CAUSAL:
+        # keys visible to every row of the block / to at least one row of it
+        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+    else:
+        hi_full = seqlen_k
+        hi = seqlen_k
+    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    lo = hi * 0
+    if HAS_KPM:
+        kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k)
+        lo = kept_lo // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, kept_hi)
+        hi_full = tl.maximum(tl.minimum(hi_full, (kept_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N), lo)
+    return lo, hi_full, hi
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPOSED: tl.constexpr):
     # The keep-mask of the probabilities at query ``rows`` (1-D) and key columns
     # ``col_start + arange(N)`` (col_start a multiple of 8): a [len(rows), N] tile, or its
@@ -252,18 +300,10 @@ def attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
         causal_offset = seqlen_k - seqlen_q
-        if IS_CAUSAL:
-            # keys visible to every row of the block / to at least one row of it
-            hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-            hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-        else:
-            hi_full = seqlen_k
-            hi = seqlen_k
-        hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(hi, 0)
-
+        lo, hi_full, hi = _key_bounds(
+            start_m, seqlen_k, causal_offset, kpm_ptr, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM
+        )
         # stage 1: whole blocks that need no mask
         acc, l_i, m_i = _attn_fwd_inner(
             acc,
@@ -274,7 +314,7 @@ def attn_fwd_kernel(
             v_ptrs,
             kpm_ptr,
             start_m,
-            0,
+            lo,
             hi_full,
             seqlen_q,
             seqlen_k,
