@@ -3,8 +3,9 @@
 ``kernel[grid](*args)`` re-derives the kernel's specialisation from every argument on every
 call (Triton 3.6: ~40-80 µs of host time for our ~40 arguments, more than the GPU needs for a
 GPT-2-sized attention call), and its launcher asks the driver about every tensor pointer. A
-``_Launcher`` pays that once per *binary key*: the int arguments' values and the device, with
-every tensor 16-byte aligned (what Triton specialises on; the tensors' dtypes are fixed per
+``_Launcher`` pays that once per *binary key*: the int arguments' values (for ints the kernel
+marks ``do_not_specialize``, only their width) and the device, with every
+tensor 16-byte aligned (what Triton specialises on; the tensors' dtypes are fixed per
 launcher by the caller). On a hit it calls the compiled kernel's own launcher directly, with
 raw device pointers, as PyTorch's inductor does for its Triton kernels. Keying on the int
 values themselves, rather than re-implementing Triton's rules (==1, divisible by 16, fits in
@@ -77,7 +78,8 @@ class _Launcher:
     """
 
     __slots__ = (
-        "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail", "binaries"
+        "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail",
+        "binaries", "free_ints",
     )  # fmt: skip
 
     def __init__(
@@ -97,6 +99,7 @@ class _Launcher:
         self.constexprs = constexprs
         # binary key -> (run, function, metadata) of the compiled kernel; None: never direct
         self.binaries: dict | None = {} if direct else None
+        self.free_ints: tuple | None = None  # see _int_key
         self._use(cfg)
 
     def _use(self, cfg: KernelConfig) -> None:
@@ -139,7 +142,7 @@ class _Launcher:
         if self.binaries is not None and _direct_launch["enabled"] and not _hooks_set():
             ptrs = [t.data_ptr() for t in tensors]
             if tensors and not reduce(or_, ptrs) & 15:
-                key = (tensors[0].get_device(), ints)
+                key = (tensors[0].get_device(), self._int_key(len(tensors) + len(floats), ints))
         while True:
             blocks = (rows + self.block - 1) // self.block
             grid_x = ((blocks + 1) // 2 if self.paired else blocks) * heads
@@ -159,6 +162,27 @@ class _Launcher:
             if key is not None:
                 self._remember(key, compiled, len(tensors) + len(floats) + len(ints))
             return
+
+    def _int_key(self, first_int: int, ints: tuple) -> tuple:
+        """The ints' part of the binary key. An int the kernel marks ``do_not_specialize`` (a
+        length or stride that changes every decoding step) changes the binary only by its
+        type (32 or 64 bits), so only that enters."""
+        free = self.free_ints
+        if free is None:
+            params = getattr(self.kernel, "params", None) or ()
+            free = self.free_ints = tuple(
+                i
+                for i in range(len(ints))
+                if first_int + i < len(params)
+                and getattr(params[first_int + i], "do_not_specialize", False)
+            )
+        if not free:
+            return ints
+        key = list(ints)
+        for i in free:  # Triton's types for unspecialised ints
+            v = key[i]
+            key[i] = "i32" if -(2**31) <= v < 2**31 else "i64" if v < 2**63 else "u64"
+        return tuple(key)
 
     def _run_direct(self, hit: tuple, grid_x: int, ptrs: list, floats: tuple, ints: tuple):
         run, function, metadata, stream, device_index = hit

@@ -107,7 +107,7 @@ def _launcher(name: str, key: tuple) -> _Launcher:
 def _decode_launcher(key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, rows = key
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned = key
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
@@ -119,6 +119,7 @@ def _decode_launcher(key: tuple) -> _Launcher:
             HAS_KPM=has_kpm,
             UPCAST=_upcast(dtype),
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            KV_ALIGNED=kv_aligned,
         )
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
             attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
@@ -251,7 +252,10 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
     group = heads_q // heads_kv
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
-    split = _decode_launcher((q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q))
+    kv_aligned = all(s % 16 == 0 for s in (*k.stride()[:2], *v.stride()[:2]))
+    split = _decode_launcher(
+        (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
+    )
     n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
     parts = batch * heads_q * n_splits * seqlen_q
     out_part = torch.empty((parts, head_dim), dtype=torch.float32, device=q.device)

@@ -497,17 +497,18 @@ class _CompiledStandIn:
 
 
 class _JitStandIn:
-    """Stands in for a @triton.jit kernel: signature ``(X, n, scale, BLOCK_M, BLOCK_N, FLAG)``
-    with the last three constexpr; ``kernel[grid](...)`` records a slow launch."""
+    """Stands in for a @triton.jit kernel: signature ``(X, scale, n, BLOCK_M, BLOCK_N, FLAG)``
+    with the last three constexpr (``n`` unspecialised with ``free_n``); ``kernel[grid](...)``
+    records a slow launch."""
 
-    def __init__(self, fail_direct=False):
+    def __init__(self, fail_direct=False, free_n=False):
         from types import SimpleNamespace
 
         self.params = [
-            SimpleNamespace(name=name, is_constexpr=constexpr)
-            for name, constexpr in (
-                ("X", False), ("n", False), ("scale", False),
-                ("BLOCK_M", True), ("BLOCK_N", True), ("FLAG", True),
+            SimpleNamespace(name=name, is_constexpr=constexpr, do_not_specialize=free)
+            for name, constexpr, free in (
+                ("X", False, False), ("scale", False, False), ("n", False, free_n),
+                ("BLOCK_M", True, False), ("BLOCK_N", True, False), ("FLAG", True, False),
             )
         ]  # fmt: skip
         self.slow, self.direct = [], []
@@ -558,6 +559,19 @@ def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
     monkeypatch.setattr(launch, "_hooks_set", lambda: True)
     launcher(40, 2, (x,), (0.5,), (40,))
     assert len(kernel.slow) == 5 and len(kernel.direct) == 2
+
+
+def test_unspecialised_ints_key_only_their_width(monkeypatch):
+    """An int the kernel leaves unspecialised (a length growing every decoding step) keeps the
+    compiled kernel for every value of the same width; past 32 bits it is another binary."""
+    kernel = _JitStandIn(free_n=True)
+    launcher = _direct_launcher(kernel, monkeypatch)
+    x = torch.zeros(64, dtype=torch.float16)
+    for n in (40, 41, 4096, 2**31 - 1):
+        launcher(40, 2, (x,), (0.5,), (n,))
+    assert len(kernel.slow) == 1 and [call[-4] for call in kernel.direct] == [41, 4096, 2**31 - 1]
+    launcher(40, 2, (x,), (0.5,), (2**31,))
+    assert len(kernel.slow) == 2
 
 
 def test_causal_launches_give_each_program_a_pair_of_blocks(monkeypatch):

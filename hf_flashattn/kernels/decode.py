@@ -14,7 +14,16 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Lengths, the mask's row stride and the cache's batch/head strides change every decoding step
+# (a dynamic cache grows by a copy): unspecialised, one compiled kernel serves every step
+# (launch.py keys on the rest). KV_ALIGNED gives back what specialisation told the compiler
+# of those strides, divisibility by 16, for wide loads.
+@triton.jit(
+    do_not_specialize=[
+        "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_kpm_b",
+        "seqlen_k", "split_len", "n_splits",
+    ]
+)  # fmt: skip
 def attn_decode_split_kernel(
     Q,
     K,
@@ -50,7 +59,13 @@ def attn_decode_split_kernel(
     HAS_KPM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_ALIGNED: tl.constexpr,
 ):
+    if KV_ALIGNED:
+        stride_kb = tl.multiple_of(stride_kb, 16)
+        stride_kh = tl.multiple_of(stride_kh, 16)
+        stride_vb = tl.multiple_of(stride_vb, 16)
+        stride_vh = tl.multiple_of(stride_vh, 16)
     # One grid axis: splits fastest, then batch * K/V heads
     pid = tl.program_id(0)
     split = pid % n_splits
@@ -132,7 +147,7 @@ def attn_decode_split_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def attn_decode_combine_kernel(
     OutPart,
     LsePart,
