@@ -99,3 +99,12 @@ def test_split_kv_gpu_key_steps(device, max_dim, splits):
     with op.forced_configs(decode=gpu_configs()[max_dim]["decode"]):
         q, k, v = _inputs(device, torch.float16, 1, 8, 2, 2, 150, min(max_dim, 96))
         _check(device, torch.float16, q, k, v, causal=True)
+
+
+def test_split_kv_cache_strides_not_divisible_by_16(device, splits):
+    """head_dim 40 x 333 keys: the cache's head and batch strides are not multiples of 16 (the
+    kernel then takes them as they are, not divided by 16)."""
+    splits(1000)
+    q, k, v = _inputs(device, torch.float16, 2, 8, 2, 1, 333, 40)
+    assert k.stride(1) % 16 != 0
+    _check(device, torch.float16, q, k, v, causal=False)

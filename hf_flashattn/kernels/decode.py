@@ -17,7 +17,8 @@ import triton.language as tl
 # Lengths, the mask's row stride and the cache's batch/head strides change every decoding step
 # (a dynamic cache grows by a copy): unspecialised, one compiled kernel serves every step
 # (launch.py keys on the rest). KV_ALIGNED gives back what specialisation told the compiler
-# of those strides, divisibility by 16, for wide loads.
+# of those strides, divisibility by 16, for wide loads: the host then passes them divided by
+# 16 and the kernel multiplies them back (a hint on a kernel argument itself is not kept).
 @triton.jit(
     do_not_specialize=[
         "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_kpm_b",
@@ -62,10 +63,10 @@ def attn_decode_split_kernel(
     KV_ALIGNED: tl.constexpr,
 ):
     if KV_ALIGNED:
-        stride_kb = tl.multiple_of(stride_kb, 16)
-        stride_kh = tl.multiple_of(stride_kh, 16)
-        stride_vb = tl.multiple_of(stride_vb, 16)
-        stride_vh = tl.multiple_of(stride_vh, 16)
+        stride_kb = stride_kb * 16
+        stride_kh = stride_kh * 16
+        stride_vb = stride_vb * 16
+        stride_vh = stride_vh * 16
     # One grid axis: splits fastest, then batch * K/V heads
     pid = tl.program_id(0)
     split = pid % n_splits
