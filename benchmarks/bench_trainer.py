@@ -26,30 +26,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from bench_models import MODELS, OURS, build, random_ids, release
 from common import environment, jsonable, write_json
+from transformers import TrainerCallback
 
 IMPLS = ("sdpa", OURS)
 
 
-class StepTimer:
-    """Trainer callback: wall time of every optimiser step, synchronised at both ends."""
+class StepTimer(TrainerCallback):
+    """Wall time of every optimiser step, synchronised at both ends."""
 
     def __init__(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
-                timer.start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
-                timer.times.append(time.perf_counter() - timer.start)
-
-        self.callback = _Callback()
         self.times: list[float] = []
         self.start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
 
 
 def kernel_calls_per_forward(model, ids) -> int:
@@ -96,7 +91,7 @@ def bench(name: str, impl: str, steps: int, warmup: int) -> dict:
         )
         _ = args.device  # sets up the devices first, which also sets _n_gpu
         args._n_gpu = min(args._n_gpu, 1)  # one GPU, no nn.DataParallel replicas
-        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer.callback])
+        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer])
         torch.cuda.reset_peak_memory_stats()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -116,23 +116,19 @@ class _Launcher:
         )
         if self.binaries is not None:
             self.binaries.clear()
-        self.tail = None
+        self.tail = self._constexpr_tail()
 
-    def _constexpr_tail(self, n_args: int):
+    def _constexpr_tail(self) -> tuple | None:
         """The constexpr values in signature order, which the compiled launcher takes after the
         runtime arguments; None unless the signature is ``runtime args..., constexprs...`` with
         every constexpr given."""
-        params = getattr(self.kernel, "params", None)
-        if params is None or len(params) < n_args:
+        params = getattr(self.kernel, "params", None) or ()
+        constexprs = [p for p in params if p.is_constexpr]
+        if params[len(params) - len(constexprs) :] != constexprs:
+            return None  # a runtime argument after a constexpr
+        if any(p.name not in self.kwargs for p in constexprs):
             return None
-        if any(p.is_constexpr for p in params[:n_args]):
-            return None
-        tail = []
-        for p in params[n_args:]:
-            if not p.is_constexpr or p.name not in self.kwargs:
-                return None
-            tail.append(self.kwargs[p.name])
-        return tuple(tail)
+        return tuple(self.kwargs[p.name] for p in constexprs)
 
     def __call__(self, rows: int, heads: int, tensors: tuple, floats: tuple, ints: tuple):
         """Launch over ``rows`` (queries or keys) x ``heads`` with the kernel's arguments in
@@ -214,11 +210,9 @@ class _Launcher:
         function = getattr(compiled, "function", None)
         if function is None:  # the interpreter, or a stand-in kernel: nothing to call directly
             return
-        if self.tail is None:
-            self.tail = self._constexpr_tail(n_args)
-            if self.tail is None:
-                self.binaries = None
-                return
+        if self.tail is None or n_args + len(self.tail) != len(self.kernel.params):
+            self.binaries = None  # the call does not match the signature: never direct
+            return
         if len(self.binaries) >= _MAX_BINARIES:
             self.binaries.clear()
         self.binaries[key] = (
