@@ -228,17 +228,19 @@ def attn_bwd_dkdv_kernel(
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
     bh_kv, first, n_turns = _program_blocks(n_blocks_n, IS_CAUSAL, False)
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b64 = (bh_kv // num_heads_kv).to(tl.int64)
+    h_kv = (bh_kv % num_heads_kv).to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    offs_d = tl.arange(0, BLOCK_D)
+    kpm_ptr = KPM + b64 * stride_kpm_b
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_n = _turn_block(first, turn, n_blocks_n) * BLOCK_N
-        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-        b64 = (bh_kv // num_heads_kv).to(tl.int64)
-        h_kv = (bh_kv % num_heads_kv).to(tl.int64)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(Seed)
-
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         rows_n = offs_n[:, None].to(tl.int64)
         k = tl.load(
@@ -264,9 +266,6 @@ def attn_bwd_dkdv_kernel(
             v = v.to(tl.float32)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        kpm_ptr = KPM + b64 * stride_kpm_b
-
-        causal_offset = seqlen_k - seqlen_q
         if IS_CAUSAL:
             # rows that see some / all of this key block: j <= i + causal_offset
             lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
@@ -281,11 +280,8 @@ def attn_bwd_dkdv_kernel(
         # the key block itself is ragged at the end of the sequence: mask every block then
         ragged_k = start_n + BLOCK_N > seqlen_k
         hi_full = seqlen_q // BLOCK_M * BLOCK_M
-        n_heads = GROUP
-        if HAS_KPM:
-            # a key block outside the kept keys gets dK = dV = 0 without visiting any query
-            kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k)
-            n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
+        # a key block outside the kept keys gets dK = dV = 0 without visiting any query
+        n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
 
         for g in range(n_heads):
             h = h_kv * GROUP + g
@@ -621,18 +617,23 @@ def attn_bwd_dq_kernel(
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
     bh, first, n_turns = _program_blocks(n_blocks_m, IS_CAUSAL, True)
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b64 = (bh // num_heads_q).to(tl.int64)
+    h = (bh % num_heads_q).to(tl.int64)
+    h_kv = h // GROUP
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_base = bh.to(tl.int64) * seqlen_q
+    k_base = K + b64 * stride_kb + h_kv * stride_kh
+    v_base = V + b64 * stride_vb + h_kv * stride_vh
+    kpm_ptr = KPM + b64 * stride_kpm_b
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM and not DELTA_ONLY)
+    causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
-        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-        b64 = (bh // num_heads_q).to(tl.int64)
-        h = (bh % num_heads_q).to(tl.int64)
-        h_kv = h // GROUP
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(Seed)
-
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
         rows = offs_m[:, None].to(tl.int64)
         row_ok = offs_m < seqlen_q
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -654,7 +655,6 @@ def attn_bwd_dq_kernel(
         # The lse output adds d lse_i / d s_ij = p_ij, i.e. dS = P * (dP - delta + dlse): fold it
         # into delta (natural-log units, as dP; only the recomputation of P uses log2).
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        row_base = bh.to(tl.int64) * seqlen_q
         if HAS_DLSE:
             delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
         # the dK/dV pass, launched after this one, reads it
@@ -676,12 +676,6 @@ def attn_bwd_dq_kernel(
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        k_base = K + b64 * stride_kb + h_kv * stride_kh
-        v_base = V + b64 * stride_vb + h_kv * stride_vh
-        kpm_ptr = KPM + b64 * stride_kpm_b
-
-        causal_offset = seqlen_k - seqlen_q
         if DELTA_ONLY:
             # the fused backward's preprocess: delta, and dQ's float32 accumulator zeroed
             lo = start_m * 0
@@ -689,7 +683,7 @@ def attn_bwd_dq_kernel(
             hi = lo
         else:
             lo, hi_full, hi = _key_bounds(
-                start_m, seqlen_k, causal_offset, kpm_ptr, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM
+                start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
             )
 
         dq = _attn_bwd_dq_inner(
