@@ -78,7 +78,7 @@ _KERNELS = {
 def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_dropout, has_dlse, fused = key
+        dtype, head_dim, group, causal, has_kpm, has_dropout, has_dlse = key
         kernel, table, grid_block = _KERNELS[name]
         constexprs = dict(
             GROUP=group,
@@ -94,9 +94,6 @@ def _launcher(name: str, key: tuple) -> _Launcher:
         )
         if name == "dq":
             constexprs["HAS_DLSE"] = has_dlse
-            constexprs["DELTA_ONLY"] = fused  # the fused backward's preprocess
-        if name == "dkdv":
-            constexprs["FUSE_DQ"] = fused
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
         launcher = _LAUNCHERS[(name, key)] = _Launcher(
             kernel, cfg, grid_block, constexprs, direct=not INTERPRETING, paired=causal
@@ -221,7 +218,7 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, False, False)
+    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, False)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
@@ -295,9 +292,8 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
 @_on_device
 def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed):
     """Launch the backward: the dQ pass (which also computes delta, with dlse folded in), then
-    the dK/dV pass; or, fused (``_fuse_dq``), delta and a zeroed float32 dQ, then one pass that
-    also adds dQ with atomics. dout like out, or None (only lse was used); dlse like lse, or
-    None. Returns dq, dk, dv shaped and strided like q, k, v."""
+    the dK/dV pass. dout like out, or None (only lse was used); dlse like lse, or None.
+    Returns dq, dk, dv shaped and strided like q, k, v."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     if dout is None:
@@ -308,9 +304,7 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     if has_dlse and not dlse.is_contiguous():
         dlse = dlse.contiguous()  # e.g. the expanded ones of lse.sum()'s backward
     store = _store_dtype(q.dtype)
-    fused = _fuse_dq(q, k)
-    # fused: dQ accumulates in float32 across key blocks, then takes q's dtype
-    dq = torch.empty_like(q, dtype=torch.float32 if fused else store)
+    dq = torch.empty_like(q, dtype=store)
     dk = torch.empty_like(k, dtype=store)
     dv = torch.empty_like(v, dtype=store)
     delta = torch.empty_like(lse)
@@ -320,7 +314,7 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
     group = heads_q // heads_kv
-    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, has_dlse, fused)
+    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,
@@ -339,10 +333,10 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
             seqlen_k,
         ),
     )
-    _launcher("dkdv", key[:-2] + (False, fused))(
+    _launcher("dkdv", key[:-1] + (False,))(
         seqlen_k,
         batch * heads_kv,
-        (q, k, v, dout, lse, delta, dk, dv, dq, kpm, seed),
+        (q, k, v, dout, lse, delta, dk, dv, kpm, seed),
         (qk_scale, scale, dropout_p),
         (
             *q.stride(),
@@ -351,7 +345,6 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
             *dout.stride(),
             *dk.stride(),
             *dv.stride(),
-            *dq.stride(),
             kpm_stride,
             heads_q,
             heads_kv,
@@ -359,27 +352,9 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
             seqlen_k,
         ),
     )
-    if dq.dtype != q.dtype:  # fused, or the interpreter's bf16
-        dq = dq.to(q.dtype)
     if store != q.dtype:  # the interpreter's bf16
-        dk, dv = dk.to(q.dtype), dv.to(q.dtype)
+        dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
     return dq, dk, dv
-
-
-# Fused backward above this many query x key products per K/V head's group (batch x query
-# heads x seq_q x seq_k): there the two recomputed dots it saves outweigh its extra launch
-# (the cast of dQ) and atomics. A first guess, to be measured (benchmarks/NOTES.md).
-FUSED_BACKWARD_MIN_WORK = 2**27
-
-
-def _fuse_dq(q, k) -> bool:
-    """Whether the backward adds dQ in the dK/dV pass (atomics: run-to-run differences in dQ's
-    last bits) rather than in its own pass. Never under
-    ``torch.use_deterministic_algorithms(True)``."""
-    if torch.are_deterministic_algorithms_enabled():
-        return False
-    batch, heads_q, seqlen_q, _ = q.shape
-    return batch * heads_q * seqlen_q * k.shape[2] >= FUSED_BACKWARD_MIN_WORK
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -7,11 +7,6 @@ and stores it for the dK/dV pass, which runs after it on the same stream. The dK
 keeps one K/V block resident and loops over the query blocks of every query head that shares
 it (GQA sums there, in registers). Each output element is written by exactly one program, so
 there are no atomics and repeated runs give bitwise-identical gradients.
-
-Fused (``FUSE_DQ``): the two passes recompute QK^T and dO V^T each, 7 dots where 5 would do.
-Fused, the dQ pass only computes delta and zeroes a float32 dQ accumulator (``DELTA_ONLY``),
-and the dK/dV pass also adds each key block's dS K into it with atomics: 5 dots, but the
-order of the additions, hence dQ's last bits, varies from run to run.
 """
 
 import triton
@@ -69,7 +64,6 @@ def _attn_bwd_dkdv_inner(
     DO,
     LSE,
     Delta,
-    DQ,
     kpm_ptr,
     lo,
     hi,
@@ -80,13 +74,10 @@ def _attn_bwd_dkdv_inner(
     stride_qd,
     stride_dom,
     stride_dod,
-    stride_dqm,
-    stride_dqd,
     seqlen_q,
     seqlen_k,
     causal_offset,
     qk_scale,
-    sm_scale,
     dropout_p,
     seed,
     bh,
@@ -99,7 +90,6 @@ def _attn_bwd_dkdv_inner(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
 ):
     # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
     # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64).
@@ -111,7 +101,6 @@ def _attn_bwd_dkdv_inner(
     arange_m = tl.arange(0, BLOCK_M)
     q_t_ptrs = Q + arange_m[None, :].to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd
     do_ptrs = DO + arange_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod
-    dq_ptrs = DQ + arange_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + arange_m
@@ -152,15 +141,6 @@ def _attn_bwd_dkdv_inner(
         dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
-        if FUSE_DQ:
-            # this key block's share of dQ = dS K, added into dQ's float32 accumulator: other
-            # key blocks' programs add theirs to the same rows (the order varies from run to run)
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
-            tl.atomic_add(
-                dq_ptrs + start_m.to(tl.int64) * stride_dqm,
-                dq * sm_scale,
-                mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :],
-            )
     return dk, dv
 
 
@@ -174,7 +154,6 @@ def attn_bwd_dkdv_kernel(
     Delta,
     DK,
     DV,
-    DQ,
     KPM,
     Seed,
     qk_scale,
@@ -204,10 +183,6 @@ def attn_bwd_dkdv_kernel(
     stride_dvh,
     stride_dvn,
     stride_dvd,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    stride_dqd,
     stride_kpm_b,
     num_heads_q,
     num_heads_kv,
@@ -223,7 +198,6 @@ def attn_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSE_DQ: tl.constexpr = False,
 ):
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
@@ -290,7 +264,6 @@ def attn_bwd_dkdv_kernel(
             do_base = DO + b64 * stride_dob + h * stride_doh
             lse_base = LSE + bh.to(tl.int64) * seqlen_q
             delta_base = Delta + bh.to(tl.int64) * seqlen_q
-            dq_base = DQ + b64 * stride_dqb + h * stride_dqh
             if ragged_k:
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk,
@@ -301,7 +274,6 @@ def attn_bwd_dkdv_kernel(
                     do_base,
                     lse_base,
                     delta_base,
-                    dq_base,
                     kpm_ptr,
                     lo,
                     seqlen_q,
@@ -312,13 +284,10 @@ def attn_bwd_dkdv_kernel(
                     stride_qd,
                     stride_dom,
                     stride_dod,
-                    stride_dqm,
-                    stride_dqd,
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
                     qk_scale,
-                    sm_scale,
                     dropout_p,
                     seed,
                     bh,
@@ -331,7 +300,6 @@ def attn_bwd_dkdv_kernel(
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
-                    FUSE_DQ,
                 )
             else:
                 # diagonal band (masked), then the rows below it that see the whole block
@@ -344,7 +312,6 @@ def attn_bwd_dkdv_kernel(
                     do_base,
                     lse_base,
                     delta_base,
-                    dq_base,
                     kpm_ptr,
                     lo,
                     lo_full,
@@ -355,13 +322,10 @@ def attn_bwd_dkdv_kernel(
                     stride_qd,
                     stride_dom,
                     stride_dod,
-                    stride_dqm,
-                    stride_dqd,
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
                     qk_scale,
-                    sm_scale,
                     dropout_p,
                     seed,
                     bh,
@@ -374,7 +338,6 @@ def attn_bwd_dkdv_kernel(
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
-                    FUSE_DQ,
                 )
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk,
@@ -385,7 +348,6 @@ def attn_bwd_dkdv_kernel(
                     do_base,
                     lse_base,
                     delta_base,
-                    dq_base,
                     kpm_ptr,
                     lo_full,
                     hi_full,
@@ -396,13 +358,10 @@ def attn_bwd_dkdv_kernel(
                     stride_qd,
                     stride_dom,
                     stride_dod,
-                    stride_dqm,
-                    stride_dqd,
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
                     qk_scale,
-                    sm_scale,
                     dropout_p,
                     seed,
                     bh,
@@ -415,7 +374,6 @@ def attn_bwd_dkdv_kernel(
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
-                    FUSE_DQ,
                 )
                 # ragged last query block
                 dk, dv = _attn_bwd_dkdv_inner(
@@ -427,7 +385,6 @@ def attn_bwd_dkdv_kernel(
                     do_base,
                     lse_base,
                     delta_base,
-                    dq_base,
                     kpm_ptr,
                     tl.maximum(hi_full, lo_full),
                     seqlen_q,
@@ -438,13 +395,10 @@ def attn_bwd_dkdv_kernel(
                     stride_qd,
                     stride_dom,
                     stride_dod,
-                    stride_dqm,
-                    stride_dqd,
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
                     qk_scale,
-                    sm_scale,
                     dropout_p,
                     seed,
                     bh,
@@ -457,7 +411,6 @@ def attn_bwd_dkdv_kernel(
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
-                    FUSE_DQ,
                 )
 
         dk = dk * sm_scale
@@ -612,7 +565,6 @@ def attn_bwd_dq_kernel(
     HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DELTA_ONLY: tl.constexpr = False,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -629,7 +581,7 @@ def attn_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + h_kv * stride_kh
     v_base = V + b64 * stride_vb + h_kv * stride_vh
     kpm_ptr = KPM + b64 * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM and not DELTA_ONLY)
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
     causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
@@ -659,32 +611,19 @@ def attn_bwd_dq_kernel(
             delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
         # the dK/dV pass, launched after this one, reads it
         tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
-        if DELTA_ONLY:
-            q = do  # never read: no key block runs
-        else:
-            q = tl.load(
-                Q
-                + b64 * stride_qb
-                + h * stride_qh
-                + rows * stride_qm
-                + offs_d[None, :] * stride_qd,
-                mask=mask,
-                other=0.0,
-            )
+        q = tl.load(
+            Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+            mask=mask,
+            other=0.0,
+        )
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if DELTA_ONLY:
-            # the fused backward's preprocess: delta, and dQ's float32 accumulator zeroed
-            lo = start_m * 0
-            hi_full = lo
-            hi = lo
-        else:
-            lo, hi_full, hi = _key_bounds(
-                start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
-            )
+        lo, hi_full, hi = _key_bounds(
+            start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+        )
 
         dq = _attn_bwd_dq_inner(
             dq,
