@@ -4,9 +4,10 @@
 call (Triton 3.6: ~40-80 µs of host time for our ~40 arguments, more than the GPU needs for a
 GPT-2-sized attention call), and its launcher asks the driver about every tensor pointer. A
 ``_Launcher`` pays that once per *binary key*: the int arguments' values (for ints the kernel
-marks ``do_not_specialize``, only their width) and the device, with every
-tensor 16-byte aligned (what Triton specialises on; the tensors' dtypes are fixed per
-launcher by the caller). On a hit it calls the compiled kernel's own launcher directly, with
+marks ``do_not_specialize``, only their width), the tensors' element types and the device,
+with every tensor 16-byte aligned (what Triton specialises on). Element types belong in the
+key even where the caller's launcher key holds the inputs' dtype: an output or a mask may
+differ. On a hit it calls the compiled kernel's own launcher directly, with
 raw device pointers, as PyTorch's inductor does for its Triton kernels. Keying on the int
 values themselves, rather than re-implementing Triton's rules (==1, divisible by 16, fits in
 32 bits), cannot pick a wrong binary: equal keys are equal specialisations whatever the rules
@@ -138,7 +139,11 @@ class _Launcher:
         if self.binaries is not None and _direct_launch["enabled"] and not _hooks_set():
             ptrs = [t.data_ptr() for t in tensors]
             if tensors and not reduce(or_, ptrs) & 15:
-                key = (tensors[0].get_device(), self._int_key(len(tensors) + len(floats), ints))
+                # each pointer's element type is part of the binary (a float16 and a bfloat16
+                # output are two kernels), as are the device and the ints
+                dtypes = tuple(t.dtype for t in tensors)
+                ints_key = self._int_key(len(tensors) + len(floats), ints)
+                key = (tensors[0].get_device(), dtypes, ints_key)
         while True:
             blocks = (rows + self.block - 1) // self.block
             grid_x = ((blocks + 1) // 2 if self.paired else blocks) * heads

@@ -108,3 +108,12 @@ def test_split_kv_cache_strides_not_divisible_by_16(device, splits):
     q, k, v = _inputs(device, torch.float16, 2, 8, 2, 1, 333, 40)
     assert k.stride(1) % 16 != 0
     _check(device, torch.float16, q, k, v, causal=False)
+
+
+def test_split_kv_float16_then_bfloat16_on_the_same_shapes(device):
+    """The same shapes in float16, then bfloat16: on the GPU each dtype must get its own
+    compiled kernels (the direct launch once reused the float16 merge for a bfloat16 output,
+    writing float16 bits there)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = _inputs(device, dtype, 1, 8, 2, 1, 40, 64)
+        _check(device, dtype, q, k, v, causal=True)

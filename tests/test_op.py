@@ -533,10 +533,10 @@ def _direct_launcher(kernel, monkeypatch):
 
 
 def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
-    """After one kernel[grid] launch per binary key (int values, device; every tensor 16-byte
-    aligned), calls go straight to the compiled kernel's launcher with raw pointers and the
-    constexprs appended in signature order; anything that can change the binary launches the
-    safe way again."""
+    """After one kernel[grid] launch per binary key (int values, element types, device; every
+    tensor 16-byte aligned), calls go straight to the compiled kernel's launcher with raw
+    pointers and the constexprs appended in signature order; anything that can change the
+    binary launches the safe way again."""
     from hf_flashattn import launch
 
     kernel = _JitStandIn()
@@ -549,16 +549,17 @@ def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
     assert kernel.direct == [(6, 1, 1, f"stream{x.get_device()}", "function", "metadata",
                               None, None, None, x.data_ptr(), 0.25, 40, 16, 32, 7)]  # fmt: skip
     launcher(48, 2, (x,), (0.5,), (48,))  # another int value: another binary key
+    launcher(40, 2, (x.view(torch.bfloat16),), (0.5,), (40,))  # another element type: too
     launcher(40, 2, (x[1:],), (0.5,), (40,))  # misaligned by 2 bytes: never direct
     launcher(40, 2, (x[1:],), (0.5,), (40,))
-    assert len(kernel.slow) == 4 and len(kernel.direct) == 1
+    assert len(kernel.slow) == 5 and len(kernel.direct) == 1
     launcher(48, 2, (x,), (0.5,), (48,))
-    assert len(kernel.slow) == 4 and kernel.direct[-1][0] == 3 * 2
+    assert len(kernel.slow) == 5 and kernel.direct[-1][0] == 3 * 2
 
     # a profiler's launch hook must be called: while one is set, kernel[grid] launches
     monkeypatch.setattr(launch, "_hooks_set", lambda: True)
     launcher(40, 2, (x,), (0.5,), (40,))
-    assert len(kernel.slow) == 5 and len(kernel.direct) == 2
+    assert len(kernel.slow) == 6 and len(kernel.direct) == 2
 
 
 def test_unspecialised_ints_key_only_their_width(monkeypatch):
