@@ -3,9 +3,11 @@
 ``kernel[grid](*args)`` re-derives the kernel's specialisation from every argument on every
 call (Triton 3.6: ~40-80 µs of host time for our ~40 arguments, more than the GPU needs for a
 GPT-2-sized attention call), and its launcher asks the driver about every tensor pointer. A
-``_Launcher`` pays that once per *binary key*: the int arguments' values and the device, with
-every tensor 16-byte aligned (what Triton specialises on; the tensors' dtypes are fixed per
-launcher by the caller). On a hit it calls the compiled kernel's own launcher directly, with
+``_Launcher`` pays that once per *binary key*: the int arguments' values (for ints the kernel
+marks ``do_not_specialize``, only their width), the tensors' element types and the device,
+with every tensor 16-byte aligned (what Triton specialises on). Element types belong in the
+key even where the caller's launcher key holds the inputs' dtype: an output or a mask may
+differ. On a hit it calls the compiled kernel's own launcher directly, with
 raw device pointers, as PyTorch's inductor does for its Triton kernels. Keying on the int
 values themselves, rather than re-implementing Triton's rules (==1, divisible by 16, fits in
 32 bits), cannot pick a wrong binary: equal keys are equal specialisations whatever the rules
@@ -70,39 +72,46 @@ class _Launcher:
     config (stepped down the first time a GPU lacks the shared memory for it), the keyword
     arguments (constexprs and launch options) and the compiled binaries seen so far.
 
-    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it):
+    The grid is one axis, ``cdiv(rows, block) * heads`` programs (the kernels unfold it),
+    or ``rows * heads`` where the rows are programs already:
     grid axis 1 would cap batch * heads at 65,535. Paired (causal) kernels give each program
     two blocks, so half as many.
     """
 
     __slots__ = (
-        "kernel", "along_keys", "paired", "cfg", "block", "constexprs", "kwargs", "tail", "binaries"
+        "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail",
+        "binaries", "free_ints",
     )  # fmt: skip
 
     def __init__(
         self,
         kernel,
         cfg: KernelConfig,
-        along_keys: bool,
+        grid_block: str | None,
         constexprs: dict,
         direct: bool = True,
         paired: bool = False,
     ) -> None:
         self.kernel = kernel
-        self.along_keys = along_keys  # True: one program per key block (dK/dV)
+        # the block that tiles the rows: "block_m" (queries), "block_n" (keys, dK/dV), or None
+        # (the rows are the programs: one per split, one per query)
+        self.grid_block = grid_block
         self.paired = paired  # True: one program per pair of blocks (causal load balance)
         self.constexprs = constexprs
         # binary key -> (run, function, metadata) of the compiled kernel; None: never direct
         self.binaries: dict | None = {} if direct else None
+        self.free_ints: tuple | None = None  # see _int_key
         self._use(cfg)
 
     def _use(self, cfg: KernelConfig) -> None:
         self.cfg = cfg
-        self.block = cfg.block_n if self.along_keys else cfg.block_m
+        self.block = getattr(cfg, self.grid_block) if self.grid_block else 1
+        # the block sizes the kernel takes (all of them where it does not say)
+        params = getattr(self.kernel, "arg_names", None) or ("BLOCK_M", "BLOCK_N")
+        blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
         self.kwargs = dict(
             self.constexprs,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
+            **{name: size for name, size in blocks.items() if name in params},
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -130,7 +139,11 @@ class _Launcher:
         if self.binaries is not None and _direct_launch["enabled"] and not _hooks_set():
             ptrs = [t.data_ptr() for t in tensors]
             if tensors and not reduce(or_, ptrs) & 15:
-                key = (tensors[0].get_device(), ints)
+                # each pointer's element type is part of the binary (a float16 and a bfloat16
+                # output are two kernels), as are the device and the ints
+                dtypes = tuple(t.dtype for t in tensors)
+                ints_key = self._int_key(len(tensors) + len(floats), ints)
+                key = (tensors[0].get_device(), dtypes, ints_key)
         while True:
             blocks = (rows + self.block - 1) // self.block
             grid_x = ((blocks + 1) // 2 if self.paired else blocks) * heads
@@ -150,6 +163,27 @@ class _Launcher:
             if key is not None:
                 self._remember(key, compiled, len(tensors) + len(floats) + len(ints))
             return
+
+    def _int_key(self, first_int: int, ints: tuple) -> tuple:
+        """The ints' part of the binary key. An int the kernel marks ``do_not_specialize`` (a
+        length or stride that changes every decoding step) changes the binary only by its
+        type (32 or 64 bits), so only that enters."""
+        free = self.free_ints
+        if free is None:
+            params = getattr(self.kernel, "params", None) or ()
+            free = self.free_ints = tuple(
+                i
+                for i in range(len(ints))
+                if first_int + i < len(params)
+                and getattr(params[first_int + i], "do_not_specialize", False)
+            )
+        if not free:
+            return ints
+        key = list(ints)
+        for i in free:  # Triton's types for unspecialised ints
+            v = key[i]
+            key[i] = "i32" if -(2**31) <= v < 2**31 else "i64" if v < 2**63 else "u64"
+        return tuple(key)
 
     def _run_direct(self, hit: tuple, grid_x: int, ptrs: list, floats: tuple, ints: tuple):
         run, function, metadata, stream, device_index = hit

@@ -13,20 +13,34 @@ registrations and autograd let the compiler trace through them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
+import triton
 
 from .kernels import INTERPRETING
 from .kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
-from .kernels.configs import KernelConfig, block_d, bwd_dkdv_config, bwd_dq_config, fwd_config
+from .kernels.configs import (
+    KernelConfig,
+    block_d,
+    bwd_dkdv_config,
+    bwd_dq_config,
+    decode_config,
+    fwd_config,
+)
+from .kernels.decode import attn_decode_combine_kernel, attn_decode_split_kernel
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
 from .launch import _Launcher
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 LAYOUTS = ("bhsd", "bshd")
+# Forwards with at most this many query rows per K/V head (GQA group x queries: decoding, short
+# chunks) take the split-KV kernels; more rows fill the GPU through the main forward.
+MAX_DECODE_ROWS = 64
 _LOG2E = 1.4426950408889634
 # The dropout seed is a Philox key (64 bits); keep it a non-negative int64.
 _SEED_HIGH = 2**62
@@ -55,9 +69,9 @@ _LAUNCHERS: dict[tuple, _Launcher] = {}
 # Test hook: configs forced per kernel name ("fwd", "dkdv", "dq"), see forced_configs().
 _FORCED: dict[str, KernelConfig] = {}
 _KERNELS = {
-    "fwd": (attn_fwd_kernel, fwd_config, False),
-    "dkdv": (attn_bwd_dkdv_kernel, bwd_dkdv_config, True),
-    "dq": (attn_bwd_dq_kernel, bwd_dq_config, False),
+    "fwd": (attn_fwd_kernel, fwd_config, "block_m"),
+    "dkdv": (attn_bwd_dkdv_kernel, bwd_dkdv_config, "block_n"),
+    "dq": (attn_bwd_dq_kernel, bwd_dq_config, "block_m"),
 }
 
 
@@ -65,7 +79,7 @@ def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
         dtype, head_dim, group, causal, has_kpm, has_dropout, has_dlse = key
-        kernel, table, along_keys = _KERNELS[name]
+        kernel, table, grid_block = _KERNELS[name]
         constexprs = dict(
             GROUP=group,
             HEAD_DIM=head_dim,
@@ -82,18 +96,75 @@ def _launcher(name: str, key: tuple) -> _Launcher:
             constexprs["HAS_DLSE"] = has_dlse
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
         launcher = _LAUNCHERS[(name, key)] = _Launcher(
-            kernel, cfg, along_keys, constexprs, direct=not INTERPRETING, paired=causal
+            kernel, cfg, grid_block, constexprs, direct=not INTERPRETING, paired=causal
         )
     return launcher
 
 
+def _decode_launcher(key: tuple) -> _Launcher:
+    launcher = _LAUNCHERS.get(("decode", key))
+    if launcher is None:
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned = key
+        cfg = decode_config(head_dim, rows, INTERPRETING)
+        if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
+            cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
+        constexprs = dict(
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d(head_dim),
+            IS_CAUSAL=causal,
+            HAS_KPM=has_kpm,
+            UPCAST=_upcast(dtype),
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            KV_ALIGNED=kv_aligned,
+        )
+        launcher = _LAUNCHERS[("decode", key)] = _Launcher(
+            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
+        )
+    return launcher
+
+
+def _combine_launcher(head_dim: int, n_splits: int) -> _Launcher:
+    block_s = max(2, triton.next_power_of_2(n_splits))
+    launcher = _LAUNCHERS.get(("combine", head_dim, block_s))
+    if launcher is None:
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_S=block_s)
+        cfg = KernelConfig(block_m=1, block_n=1, num_warps=4, num_stages=1)
+        launcher = _LAUNCHERS[("combine", head_dim, block_s)] = _Launcher(
+            attn_decode_combine_kernel, cfg, None, constexprs, direct=not INTERPRETING
+        )
+    return launcher
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    # two waves of programs fill the GPU; more slices would only cost merging. The interpreter
+    # runs programs one by one: a few splits exercise the merge.
+    return 2 * _sm_count(device.index) if device.type == "cuda" else 4
+
+
+def _decode_splits(programs: int, seqlen_k: int, block_n: int, device) -> tuple[int, int]:
+    """(number of key slices, keys per slice, a multiple of block_n) for ``programs``
+    (batch x K/V heads) programs per slice: enough slices to reach the target, none empty."""
+    blocks = triton_cdiv(seqlen_k, block_n)
+    splits = min(blocks, max(1, triton_cdiv(_target_programs(device), programs)))
+    split_len = triton_cdiv(blocks, splits) * block_n
+    return triton_cdiv(seqlen_k, split_len), split_len
+
+
 @contextlib.contextmanager
 def forced_configs(**configs: KernelConfig) -> Iterator[None]:
-    """Test hook: run the kernels named by the keywords (``fwd``, ``dkdv``, ``dq``) with the
-    given block configs instead of the tables' (e.g. the GPU configs in the interpreter)."""
-    unknown = set(configs) - set(_KERNELS)
+    """Test hook: run the kernels named by the keywords (``fwd``, ``dkdv``, ``dq``, ``decode``)
+    with the given block configs instead of the tables' (e.g. the GPU configs in the
+    interpreter; ``decode`` keeps its block_m, the packed query rows)."""
+    known = {*_KERNELS, "decode"}
+    unknown = set(configs) - known
     if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(_KERNELS)}")
+        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {sorted(known)}")
     saved = dict(_FORCED)
     _FORCED.update(configs)
     _LAUNCHERS.clear()
@@ -141,7 +212,13 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
-    key = (q.dtype, head_dim, heads_q // heads_kv, causal, has_kpm, dropout_p > 0.0, False)
+    group = heads_q // heads_kv
+    if dropout_p == 0.0 and group * seqlen_q <= MAX_DECODE_ROWS:
+        _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale)
+        if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
+            out = out.to(q.dtype)
+        return out, lse
+    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, False)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
@@ -161,6 +238,55 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
     if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
         out = out.to(q.dtype)
     return out, lse
+
+
+def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> None:
+    """Few query rows against many keys (decoding): the keys split over programs so the GPU
+    fills, the query heads of a GQA group packed into one tile, the slices merged through their
+    log-sum-exps (kernels/decode.py). Writes ``out`` and ``lse`` like the main forward."""
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
+    kv_outer = (*k.stride()[:2], *v.stride()[:2])  # batch and head strides of k, v
+    kv_aligned = all(s % 16 == 0 for s in kv_outer)
+    if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
+        kv_outer = tuple(s // 16 for s in kv_outer)
+    k_outer, v_outer = kv_outer[:2], kv_outer[2:]
+    split = _decode_launcher(
+        (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
+    )
+    n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
+    parts = batch * heads_q * n_splits * seqlen_q
+    out_part = torch.empty((parts, head_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    split(
+        n_splits,
+        batch * heads_kv,
+        (q, k, v, out_part, lse_part, kpm),
+        (scale * _LOG2E,),
+        (
+            *q.stride(),
+            *k_outer,
+            *k.stride()[2:],
+            *v_outer,
+            *v.stride()[2:],
+            kpm.stride(0) if has_kpm else 0,
+            heads_kv,
+            seqlen_q,
+            seqlen_k,
+            split_len,
+            n_splits,
+        ),
+    )
+    _combine_launcher(head_dim, n_splits)(
+        seqlen_q,
+        batch * heads_q,
+        (out_part, lse_part, out, lse),
+        (),
+        (*out.stride(), heads_q, seqlen_q, n_splits),
+    )
 
 
 @_on_device
@@ -187,7 +313,8 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     kpm_stride = kpm.stride(0) if has_kpm else 0
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
-    key = (q.dtype, head_dim, heads_q // heads_kv, causal, has_kpm, dropout_p > 0.0, has_dlse)
+    group = heads_q // heads_kv
+    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,

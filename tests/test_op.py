@@ -104,6 +104,26 @@ def test_key_padding_mask(device, causal):
     assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_outside_the_kept_keys_skips_whole_blocks_exactly(device, causal):
+    """Key blocks before the first kept key or after the last one are skipped: right padding
+    over several blocks, left padding over several blocks, holes between two kept keys (the
+    blocks between them still run), one kept key, none."""
+    seqlen_q, seqlen_k = 70, 333
+    q, k, v = _inputs(device, torch.float16, 5, 2, 1, seqlen_q, seqlen_k, 64)
+    keys = torch.arange(seqlen_k)
+    mask = torch.stack(
+        [
+            keys < 70,  # right padding: the last 4 of 6 blocks (64 keys) hold no kept key
+            keys >= 260,  # left padding
+            (keys == 3) | (keys == 300),  # the first and the last block, a gap of 4 between
+            keys == 200,
+            torch.zeros(seqlen_k, dtype=torch.bool),
+        ]
+    )
+    _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
+
+
 def test_scale(device):
     q, k, v = _inputs(device, torch.float16, 1, 2, 2, 40, 40, 64)
     _check(device, torch.float16, q, k, v, causal=False, scale=0.3)
@@ -445,7 +465,7 @@ def test_config_steps_down_when_shared_memory_runs_out():
             return launch
 
     cfg = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    launcher = _Launcher(KernelNeedingSmallTiles(), cfg, True, {"HEAD_DIM": 64})
+    launcher = _Launcher(KernelNeedingSmallTiles(), cfg, "block_n", {"HEAD_DIM": 64})
     launcher(100, 3, (), (), ())  # 100 keys in blocks of BLOCK_N, times 3 heads
     assert attempts == [(64, 3), (64, 2), (64, 1), (32, 1)]
     assert launched == [((4 * 3,), 128, 32, 1, 64)]
@@ -460,7 +480,7 @@ def test_config_steps_down_when_shared_memory_runs_out():
             return launch
 
     with pytest.raises(OutOfResources):
-        _Launcher(KernelThatNeverFits(), cfg, False, {})(10, 1, (), (), ())
+        _Launcher(KernelThatNeverFits(), cfg, "block_m", {})(10, 1, (), (), ())
 
 
 class _CompiledStandIn:
@@ -477,17 +497,18 @@ class _CompiledStandIn:
 
 
 class _JitStandIn:
-    """Stands in for a @triton.jit kernel: signature ``(X, n, scale, BLOCK_M, BLOCK_N, FLAG)``
-    with the last three constexpr; ``kernel[grid](...)`` records a slow launch."""
+    """Stands in for a @triton.jit kernel: signature ``(X, scale, n, BLOCK_M, BLOCK_N, FLAG)``
+    with the last three constexpr (``n`` unspecialised with ``free_n``); ``kernel[grid](...)``
+    records a slow launch."""
 
-    def __init__(self, fail_direct=False):
+    def __init__(self, fail_direct=False, free_n=False):
         from types import SimpleNamespace
 
         self.params = [
-            SimpleNamespace(name=name, is_constexpr=constexpr)
-            for name, constexpr in (
-                ("X", False), ("n", False), ("scale", False),
-                ("BLOCK_M", True), ("BLOCK_N", True), ("FLAG", True),
+            SimpleNamespace(name=name, is_constexpr=constexpr, do_not_specialize=free)
+            for name, constexpr, free in (
+                ("X", False, False), ("scale", False, False), ("n", False, free_n),
+                ("BLOCK_M", True, False), ("BLOCK_N", True, False), ("FLAG", True, False),
             )
         ]  # fmt: skip
         self.slow, self.direct = [], []
@@ -508,14 +529,14 @@ def _direct_launcher(kernel, monkeypatch):
     monkeypatch.setattr(launch, "_stream_getter", lambda: lambda index: f"stream{index}")
     monkeypatch.setitem(launch._direct_launch, "enabled", True)
     cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
-    return launch._Launcher(kernel, cfg, False, {"FLAG": 7})
+    return launch._Launcher(kernel, cfg, "block_m", {"FLAG": 7})
 
 
 def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
-    """After one kernel[grid] launch per binary key (int values, device; every tensor 16-byte
-    aligned), calls go straight to the compiled kernel's launcher with raw pointers and the
-    constexprs appended in signature order; anything that can change the binary launches the
-    safe way again."""
+    """After one kernel[grid] launch per binary key (int values, element types, device; every
+    tensor 16-byte aligned), calls go straight to the compiled kernel's launcher with raw
+    pointers and the constexprs appended in signature order; anything that can change the
+    binary launches the safe way again."""
     from hf_flashattn import launch
 
     kernel = _JitStandIn()
@@ -528,16 +549,30 @@ def test_launches_reuse_the_compiled_kernel_per_binary_key(monkeypatch):
     assert kernel.direct == [(6, 1, 1, f"stream{x.get_device()}", "function", "metadata",
                               None, None, None, x.data_ptr(), 0.25, 40, 16, 32, 7)]  # fmt: skip
     launcher(48, 2, (x,), (0.5,), (48,))  # another int value: another binary key
+    launcher(40, 2, (x.view(torch.bfloat16),), (0.5,), (40,))  # another element type: too
     launcher(40, 2, (x[1:],), (0.5,), (40,))  # misaligned by 2 bytes: never direct
     launcher(40, 2, (x[1:],), (0.5,), (40,))
-    assert len(kernel.slow) == 4 and len(kernel.direct) == 1
+    assert len(kernel.slow) == 5 and len(kernel.direct) == 1
     launcher(48, 2, (x,), (0.5,), (48,))
-    assert len(kernel.slow) == 4 and kernel.direct[-1][0] == 3 * 2
+    assert len(kernel.slow) == 5 and kernel.direct[-1][0] == 3 * 2
 
     # a profiler's launch hook must be called: while one is set, kernel[grid] launches
     monkeypatch.setattr(launch, "_hooks_set", lambda: True)
     launcher(40, 2, (x,), (0.5,), (40,))
-    assert len(kernel.slow) == 5 and len(kernel.direct) == 2
+    assert len(kernel.slow) == 6 and len(kernel.direct) == 2
+
+
+def test_unspecialised_ints_key_only_their_width(monkeypatch):
+    """An int the kernel leaves unspecialised (a length growing every decoding step) keeps the
+    compiled kernel for every value of the same width; past 32 bits it is another binary."""
+    kernel = _JitStandIn(free_n=True)
+    launcher = _direct_launcher(kernel, monkeypatch)
+    x = torch.zeros(64, dtype=torch.float16)
+    for n in (40, 41, 4096, 2**31 - 1):
+        launcher(40, 2, (x,), (0.5,), (n,))
+    assert len(kernel.slow) == 1 and [call[-4] for call in kernel.direct] == [41, 4096, 2**31 - 1]
+    launcher(40, 2, (x,), (0.5,), (2**31,))
+    assert len(kernel.slow) == 2
 
 
 def test_causal_launches_give_each_program_a_pair_of_blocks(monkeypatch):

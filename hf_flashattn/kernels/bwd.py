@@ -12,7 +12,7 @@ there are no atomics and repeated runs give bitwise-identical gradients.
 import triton
 import triton.language as tl
 
-from .fwd import _dropout_keep, _program_blocks, _turn_block
+from .fwd import _dropout_keep, _kept_key_range, _key_bounds, _program_blocks, _turn_block
 
 
 @triton.jit
@@ -202,17 +202,19 @@ def attn_bwd_dkdv_kernel(
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
     bh_kv, first, n_turns = _program_blocks(n_blocks_n, IS_CAUSAL, False)
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b64 = (bh_kv // num_heads_kv).to(tl.int64)
+    h_kv = (bh_kv % num_heads_kv).to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    offs_d = tl.arange(0, BLOCK_D)
+    kpm_ptr = KPM + b64 * stride_kpm_b
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_n = _turn_block(first, turn, n_blocks_n) * BLOCK_N
-        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-        b64 = (bh_kv // num_heads_kv).to(tl.int64)
-        h_kv = (bh_kv % num_heads_kv).to(tl.int64)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(Seed)
-
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
         rows_n = offs_n[:, None].to(tl.int64)
         k = tl.load(
@@ -238,9 +240,6 @@ def attn_bwd_dkdv_kernel(
             v = v.to(tl.float32)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        kpm_ptr = KPM + b64 * stride_kpm_b
-
-        causal_offset = seqlen_k - seqlen_q
         if IS_CAUSAL:
             # rows that see some / all of this key block: j <= i + causal_offset
             lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
@@ -255,8 +254,10 @@ def attn_bwd_dkdv_kernel(
         # the key block itself is ragged at the end of the sequence: mask every block then
         ragged_k = start_n + BLOCK_N > seqlen_k
         hi_full = seqlen_q // BLOCK_M * BLOCK_M
+        # a key block outside the kept keys gets dK = dV = 0 without visiting any query
+        n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
 
-        for g in range(GROUP):
+        for g in range(n_heads):
             h = h_kv * GROUP + g
             bh = b64 * num_heads_q + h
             q_base = Q + b64 * stride_qb + h * stride_qh
@@ -568,26 +569,26 @@ def attn_bwd_dq_kernel(
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
     bh, first, n_turns = _program_blocks(n_blocks_m, IS_CAUSAL, True)
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b64 = (bh // num_heads_q).to(tl.int64)
+    h = (bh % num_heads_q).to(tl.int64)
+    h_kv = h // GROUP
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_base = bh.to(tl.int64) * seqlen_q
+    k_base = K + b64 * stride_kb + h_kv * stride_kh
+    v_base = V + b64 * stride_vb + h_kv * stride_vh
+    kpm_ptr = KPM + b64 * stride_kpm_b
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
-        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-        b64 = (bh // num_heads_q).to(tl.int64)
-        h = (bh % num_heads_q).to(tl.int64)
-        h_kv = h // GROUP
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(Seed)
-
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
         rows = offs_m[:, None].to(tl.int64)
         row_ok = offs_m < seqlen_q
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(
-            Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
-            mask=mask,
-            other=0.0,
-        )
         do = tl.load(
             DO
             + b64 * stride_dob
@@ -606,30 +607,23 @@ def attn_bwd_dq_kernel(
         # The lse output adds d lse_i / d s_ij = p_ij, i.e. dS = P * (dP - delta + dlse): fold it
         # into delta (natural-log units, as dP; only the recomputation of P uses log2).
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        row_base = bh.to(tl.int64) * seqlen_q
         if HAS_DLSE:
             delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
         # the dK/dV pass, launched after this one, reads it
         tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
+        q = tl.load(
+            Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+            mask=mask,
+            other=0.0,
+        )
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        k_base = K + b64 * stride_kb + h_kv * stride_kh
-        v_base = V + b64 * stride_vb + h_kv * stride_vh
-        kpm_ptr = KPM + b64 * stride_kpm_b
-
-        causal_offset = seqlen_k - seqlen_q
-        if IS_CAUSAL:
-            hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-            hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-        else:
-            hi_full = seqlen_k
-            hi = seqlen_k
-        hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(hi, 0)
+        lo, hi_full, hi = _key_bounds(
+            start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+        )
 
         dq = _attn_bwd_dq_inner(
             dq,
@@ -640,7 +634,7 @@ def attn_bwd_dq_kernel(
             k_base,
             v_base,
             kpm_ptr,
-            0,
+            lo,
             hi_full,
             offs_m,
             offs_d,

@@ -16,6 +16,9 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # block_m holds every row the kernel must see at once (the decode kernel's packed query
+    # rows): never smaller
+    fixed_m: bool = False
 
     def smaller(self) -> "KernelConfig | None":
         """The next config down in shared memory: fewer pipeline stages, then smaller blocks.
@@ -25,7 +28,7 @@ class KernelConfig:
             return replace(self, num_stages=self.num_stages - 1)
         if self.block_n > 16:
             return replace(self, block_n=self.block_n // 2)
-        if self.block_m > 16:
+        if self.block_m > 16 and not self.fixed_m:
             return replace(self, block_m=self.block_m // 2)
         return None
 
@@ -55,6 +58,12 @@ _BWD_DQ_GPU = (
     (128, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
     (256, KernelConfig(block_m=64, block_n=16, num_warps=4, num_stages=1)),
 )
+# Split-KV decoding: block_m is set per call to the packed query rows (16..64); block_n the
+# key step. Not yet measured on a GPU: a first guess.
+_DECODE_GPU = (
+    (128, KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, fixed_m=True)),
+    (256, KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2, fixed_m=True)),
+)
 _INTERPRETER = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
 
 
@@ -77,6 +86,12 @@ def bwd_dq_config(head_dim: int, interpreting: bool) -> KernelConfig:
     return _INTERPRETER if interpreting else _pick(_BWD_DQ_GPU, head_dim)
 
 
+def decode_config(head_dim: int, rows: int, interpreting: bool) -> KernelConfig:
+    """The split-KV kernel's config for ``rows`` packed query rows (at most 64)."""
+    cfg = _INTERPRETER if interpreting else _pick(_DECODE_GPU, head_dim)
+    return replace(cfg, block_m=max(16, triton.next_power_of_2(rows)), fixed_m=True)
+
+
 def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
     """Per head_dim bucket (its largest head_dim), the GPU config of each kernel: what the
     CPU tests force through the interpreter (``op.forced_configs``), so that the block shapes
@@ -86,6 +101,7 @@ def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
             "fwd": fwd_config(max_dim, False),
             "dkdv": bwd_dkdv_config(max_dim, False),
             "dq": bwd_dq_config(max_dim, False),
+            "decode": decode_config(max_dim, 16, False),
         }
         for max_dim, _ in _FWD_GPU
     }

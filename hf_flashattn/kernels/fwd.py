@@ -44,6 +44,56 @@ def _turn_block(first, turn, n_blocks):
 
 
 @triton.jit
+def _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM: tl.constexpr, SCAN: tl.constexpr = 1024):
+    # [first kept key, last kept key + 1) of one row of the key padding mask; (seqlen_k, 0) when
+    # nothing is kept, (0, seqlen_k) without a mask. Keys outside it are all masked, so their
+    # blocks need no work: padded batches (a padding collator's right padding, generation's
+    # left padding) skip them. Once per program: it does not depend on the block.
+    if HAS_KPM:
+        first = seqlen_k
+        end = seqlen_k * 0
+        for start in range(0, seqlen_k, SCAN):
+            cols = start + tl.arange(0, SCAN)
+            kept = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(kept, cols, seqlen_k), 0))
+            end = tl.maximum(end, tl.max(tl.where(kept, cols + 1, 0), 0))
+    else:
+        first = seqlen_k * 0
+        end = seqlen_k
+    return first, end
+
+
+@triton.jit
+def _key_bounds(
+    start_m,
+    seqlen_k,
+    causal_offset,
+    kept_lo,
+    kept_hi,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    # The key blocks a query block [start_m, start_m + BLOCK_M) visits, for the forward and the
+    # dQ pass: [lo, hi_full) whole blocks every row sees (no causal or length mask), then
+    # [hi_full, hi) the causal diagonal band and the ragged end, all within the kept keys
+    # [kept_lo, kept_hi). Bottom-right causal alignment: query i sees keys j <= i + causal_offset.
+    if IS_CAUSAL:
+        # keys visible to every row of the block / to at least one row of it
+        hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
+    else:
+        hi_full = seqlen_k
+        hi = seqlen_k
+    hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    lo = kept_lo // BLOCK_N * BLOCK_N
+    hi = tl.minimum(hi, kept_hi)
+    hi_full = tl.maximum(tl.minimum(hi_full, (kept_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N), lo)
+    return lo, hi_full, hi
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPOSED: tl.constexpr):
     # The keep-mask of the probabilities at query ``rows`` (1-D) and key columns
     # ``col_start + arange(N)`` (col_start a multiple of 8): a [len(rows), N] tile, or its
@@ -204,23 +254,38 @@ def attn_fwd_kernel(
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
     bh, first, n_turns = _program_blocks(n_blocks_m, IS_CAUSAL, True)
+    # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
+    b = (bh // num_heads_q).to(tl.int64)
+    h = (bh % num_heads_q).to(tl.int64)
+    h_kv = h // GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    k_ptrs = (
+        K
+        + b * stride_kb
+        + h_kv * stride_kh
+        + offs_n[:, None].to(tl.int64) * stride_kn
+        + offs_d[None, :] * stride_kd
+    )
+    v_ptrs = (
+        V
+        + b * stride_vb
+        + h_kv * stride_vh
+        + offs_n[:, None].to(tl.int64) * stride_vn
+        + offs_d[None, :] * stride_vd
+    )
+    kpm_ptr = KPM + b * stride_kpm_b
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
-        # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
-        b = (bh // num_heads_q).to(tl.int64)
-        h = (bh % num_heads_q).to(tl.int64)
-        h_kv = h // GROUP
-
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
         row_mask = offs_m < seqlen_q
         rows64 = offs_m.to(tl.int64)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(Seed)
-
         q_ptrs = (
             Q
             + b * stride_qb
@@ -228,22 +293,6 @@ def attn_fwd_kernel(
             + rows64[:, None] * stride_qm
             + offs_d[None, :] * stride_qd
         )
-        k_ptrs = (
-            K
-            + b * stride_kb
-            + h_kv * stride_kh
-            + offs_n[:, None].to(tl.int64) * stride_kn
-            + offs_d[None, :] * stride_kd
-        )
-        v_ptrs = (
-            V
-            + b * stride_vb
-            + h_kv * stride_vh
-            + offs_n[:, None].to(tl.int64) * stride_vn
-            + offs_d[None, :] * stride_vd
-        )
-        kpm_ptr = KPM + b * stride_kpm_b
-
         q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -252,18 +301,9 @@ def attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
-        causal_offset = seqlen_k - seqlen_q
-        if IS_CAUSAL:
-            # keys visible to every row of the block / to at least one row of it
-            hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
-            hi = tl.minimum(start_m + BLOCK_M + causal_offset, seqlen_k)
-        else:
-            hi_full = seqlen_k
-            hi = seqlen_k
-        hi_full = tl.maximum(hi_full, 0) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(hi, 0)
-
+        lo, hi_full, hi = _key_bounds(
+            start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+        )
         # stage 1: whole blocks that need no mask
         acc, l_i, m_i = _attn_fwd_inner(
             acc,
@@ -274,7 +314,7 @@ def attn_fwd_kernel(
             v_ptrs,
             kpm_ptr,
             start_m,
-            0,
+            lo,
             hi_full,
             seqlen_q,
             seqlen_k,

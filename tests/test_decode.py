@@ -1,0 +1,119 @@
+"""The split-KV forward (kernels/decode.py): few query rows per K/V head against many keys."""
+
+import pytest
+import torch
+from test_op import _check, _inputs
+
+from hf_flashattn import flash_attn, op
+from hf_flashattn.kernels import INTERPRETING
+from hf_flashattn.kernels.configs import decode_config
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """Set how many programs the split choice aims for: 1 gives one slice, large gives one
+    slice per key block."""
+
+    def aim_for(programs: int) -> None:
+        monkeypatch.setattr(op, "_target_programs", lambda device: programs)
+
+    return aim_for
+
+
+@pytest.fixture
+def split_calls(monkeypatch) -> list[int]:
+    """The number of key slices of every split-KV forward."""
+    calls = []
+    decode_splits = op._decode_splits
+
+    def spy(*args):
+        n_splits, split_len = decode_splits(*args)
+        calls.append(n_splits)
+        return n_splits, split_len
+
+    monkeypatch.setattr(op, "_decode_splits", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "heads_q,heads_kv,seqlen_q",
+    [(4, 4, 1), (8, 2, 1), (8, 1, 3), (16, 2, 4)],  # MHA, GQA 4, MQA 8, GQA 8 x 4 queries
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("programs", [1, 1000])
+def test_split_kv_matches_reference(
+    device, heads_q, heads_kv, seqlen_q, causal, programs, splits, split_calls
+):
+    """Output, LSE and gradients (the backward is the main one, on the split forward's LSE),
+    with one slice and with one slice per key block; 333 keys end in a ragged block."""
+    splits(programs)
+    q, k, v = _inputs(device, torch.float16, 2, heads_q, heads_kv, seqlen_q, 333, 64)
+    _check(device, torch.float16, q, k, v, causal=causal)
+    blocks = -(-333 // decode_config(64, heads_q // heads_kv * seqlen_q, INTERPRETING).block_n)
+    assert split_calls == [1 if programs == 1 else blocks]
+
+
+def test_split_kv_padding(device, splits, split_calls):
+    """Left padding (generation's) over whole slices, a row that keeps one key, a row that keeps
+    none (zeros, lse -inf): slices with nothing to attend merge to what the others give."""
+    splits(1000)
+    q, k, v = _inputs(device, torch.bfloat16, 3, 8, 2, 2, 300, 64)
+    keys = torch.arange(300)
+    mask = torch.stack([keys >= 250, keys == 7, torch.zeros(300, dtype=torch.bool)])
+    _check(device, torch.bfloat16, q, k, v, causal=True, key_padding_mask=mask.to(device))
+    out = flash_attn(q, k, v, causal=True, key_padding_mask=mask.to(device))
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert split_calls[0] > 1
+
+
+def test_split_kv_serves_few_rows_and_the_main_forward_the_rest(device, split_calls):
+    """Decoding (GQA group x queries <= 64 rows per K/V head) takes the split-KV kernels;
+    chunked prefill and dropout take the main forward."""
+    q, k, v = (t.detach() for t in _inputs(device, torch.float16, 1, 8, 2, 16, 200, 64))
+    flash_attn(q, k, v, causal=True)  # 4 x 16 = 64 rows
+    assert len(split_calls) == 1
+    q17 = torch.randn(1, 8, 17, 64, device=device, dtype=torch.float16)
+    flash_attn(q17, k, v, causal=True)  # 68 rows
+    flash_attn(q[:, :, :1], k, v, dropout_p=0.1)
+    assert len(split_calls) == 1
+
+
+def test_split_kv_equals_the_main_forward(device, monkeypatch):
+    """The same numbers through either forward (up to float rounding)."""
+    q, k, v = (t.detach() for t in _inputs(device, torch.float32, 2, 8, 2, 3, 257, 80))
+    mask = (torch.arange(257) >= 30).expand(2, 257).to(device)
+    split_out, split_lse = flash_attn(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+    monkeypatch.setattr(op, "MAX_DECODE_ROWS", 0)
+    main_out, main_lse = flash_attn(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+    torch.testing.assert_close(split_out, main_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split_lse, main_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_dim", [64, 128, 256])
+def test_split_kv_gpu_key_steps(device, max_dim, splits):
+    """The key steps the GPU table gives the split-KV kernel, forced through whichever backend
+    is here (on the CPU: the interpreter)."""
+    from hf_flashattn.kernels.configs import gpu_configs
+
+    splits(1000)
+    with op.forced_configs(decode=gpu_configs()[max_dim]["decode"]):
+        q, k, v = _inputs(device, torch.float16, 1, 8, 2, 2, 150, min(max_dim, 96))
+        _check(device, torch.float16, q, k, v, causal=True)
+
+
+def test_split_kv_cache_strides_not_divisible_by_16(device, splits):
+    """head_dim 40 x 333 keys: the cache's head and batch strides are not multiples of 16 (the
+    kernel then takes them as they are, not divided by 16)."""
+    splits(1000)
+    q, k, v = _inputs(device, torch.float16, 2, 8, 2, 1, 333, 40)
+    assert k.stride(1) % 16 != 0
+    _check(device, torch.float16, q, k, v, causal=False)
+
+
+def test_split_kv_float16_then_bfloat16_on_the_same_shapes(device):
+    """The same shapes in float16, then bfloat16: on the GPU each dtype must get its own
+    compiled kernels (the direct launch once reused the float16 merge for a bfloat16 output,
+    writing float16 bits there)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = _inputs(device, dtype, 1, 8, 2, 1, 40, 64)
+        _check(device, dtype, q, k, v, causal=True)
