@@ -20,20 +20,27 @@ import weakref
 import torch
 
 
+def cu_seqlens_from_starts(starts_here: torch.Tensor) -> torch.Tensor:
+    """(batch, seqlen + 1) int32 cu_seqlens from a (batch, seqlen) bool tensor that is True
+    at every token starting a sequence (the first token always does)."""
+    batch, seqlen = starts_here.shape
+    starts_here = starts_here.clone()
+    starts_here[:, 0] = True
+    tokens = torch.arange(seqlen, device=starts_here.device, dtype=torch.int32)
+    # the starts in order, then seqlen for every token that starts nothing
+    starts = torch.where(starts_here, tokens, seqlen).sort(dim=-1).values
+    return torch.cat((starts, starts.new_full((batch, 1), seqlen)), dim=-1)
+
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """(batch, seqlen + 1) int32 cu_seqlens of the sequences packed in each row of
     ``position_ids`` (batch, seqlen): a sequence starts wherever the position does not follow
     the previous one by 1, as transformers' ``find_packed_sequence_indices`` decides it. A row
     that is one ordinary sequence (any first position, then consecutive) stays one sequence.
     """
-    batch, seqlen = position_ids.shape
-    starts_here = torch.ones_like(position_ids, dtype=torch.bool)
+    starts_here = torch.zeros_like(position_ids, dtype=torch.bool)
     starts_here[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    tokens = torch.arange(seqlen, device=position_ids.device, dtype=torch.int32)
-    # the starts in order, then seqlen for every position that starts nothing
-    starts = torch.where(starts_here, tokens, seqlen).sort(dim=-1).values
-    end = starts.new_full((batch, 1), seqlen)
-    return torch.cat((starts, end), dim=-1)
+    return cu_seqlens_from_starts(starts_here)
 
 
 def check_cu_seqlens(cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device) -> None:
