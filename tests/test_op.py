@@ -31,15 +31,13 @@ def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_di
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None):
+def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None, cu_seqlens=None):
     """Forward, LSE and all three gradients of flash_attn against the reference."""
-    out, lse = flash_attn(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_lse=True
-    )
+    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
+    out, lse = flash_attn(q, k, v, return_lse=True, **kw)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
 
-    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     ref, lse_ref = attention_ref(q, k, v, **kw)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
     lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
