@@ -614,12 +614,17 @@ def test_eager_calls_skip_the_custom_op(device, monkeypatch):
         flash_attn(q, k, v)
 
 
-def test_custom_op_matches_eager_path(device):
-    """The torch.compile path (custom ops, their autograd) runs the same launch functions."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_custom_op_matches_eager_path(device, packed):
+    """The torch.compile path (custom ops, their autograd) runs the same launch functions, with
+    packed sequences' token bounds too."""
     from hf_flashattn import op
+    from hf_flashattn.packing import token_bounds
 
-    q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, 50, 32)
-    args = (q, k, v, None, True, 32**-0.5, 0.0, None)
+    seqlen_k = 40 if packed else 50
+    q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, seqlen_k, 32)
+    segments = token_bounds(torch.tensor([0, 15, 40], device=device), 40) if packed else None
+    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None)
     out, lse = op._fwd_op(*args)
     out_e, lse_e = op._FlashAttn.apply(*args)
     assert torch.equal(out, out_e) and torch.equal(lse, lse_e)
