@@ -22,6 +22,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_models import DEVICE, OURS, build, release
@@ -89,7 +90,7 @@ def bench(impl: str, inputs: dict, real_tokens: int, steps: int, warmup: int = 2
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or default_out("packed")
     data = {"kind": "packed", "environment": environment(), "cases": {}, "ratios_vs_sdpa": {}}

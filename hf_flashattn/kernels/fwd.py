@@ -110,9 +110,12 @@ def _segment_mask(seg_ptr, rows, cols, seqlen, TRANSPOSED: tl.constexpr):
     row_ok = rows < seqlen
     start = tl.load(seg_ptr + rows, mask=row_ok, other=0)
     end = tl.load(seg_ptr + seqlen + rows, mask=row_ok, other=0)
+    # one return: Triton 3.6 checks every return's type, even one a constexpr branch skips
     if TRANSPOSED:
-        return (cols[:, None] >= start[None, :]) & (cols[:, None] < end[None, :])
-    return (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+        inside = (cols[:, None] >= start[None, :]) & (cols[:, None] < end[None, :])
+    else:
+        inside = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+    return inside
 
 
 @triton.jit
