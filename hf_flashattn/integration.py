@@ -22,13 +22,17 @@ Mask forms, by what the attention function receives:
 4-D ``(batch, 1, q, k)``    anything else, bool or additive float, with eager's meaning: checked
                             once per mask tensor for being key padding + causal, else eager runs
                             (the check reads values: under torch.compile, a graph break)
+3-D ``(batch, 1, k + 1)``   int32: packed sequences, each row's cu_seqlens (our mask function's
+                            form for transformers' packed-sequence mask); causal within each
 ==========================  ======================================================================
 
 The 2-D form is what transformers' own FlashAttention-2 mask function returns, so models that
 support FA2 already pass it through untouched. Our mask function returns the full 4-D mask only
-for patterns that are not plain causal or bidirectional by its arguments (sliding windows and
-chunks narrower than the keys, packed sequences, or/and overlays); those cost O(seq_q * seq_k)
-once per forward, as in SDPA.
+for patterns that are not plain causal or bidirectional by its arguments nor packed sequences
+(sliding windows and chunks narrower than the keys, or/and overlays); those cost
+O(seq_q * seq_k) once per forward, as in SDPA. Packed sequences are read from the mask function
+and checked pair by pair, in slices of query rows: O(seq^2) work but O(seq) memory, once per
+forward.
 """
 
 from __future__ import annotations

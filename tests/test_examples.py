@@ -260,10 +260,10 @@ def test_finetune_packing(text_file, tmp_path):
         assert rows == ([1, 1] if layout == "packed" else [4, 4]), (name, layout, rows)
         assert r["tokens_per_s"] > 0
     for step in range(2):
-        assert_agree(
-            {f"{a} {lay}": r["losses"][step][1] for (a, lay), r in runs.items()},
-            f"loss at step {step + 1}",
-        )
+        reference = runs[("eager", "padded")]["losses"][step][1]
+        for (name, layout), r in runs.items():
+            loss = r["losses"][step][1]
+            assert abs(loss - reference) <= REL_TOL * abs(reference), (name, layout, step, loss)
     assert runs[("triton_attention", "packed")]["path"] in KERNEL_PATHS
 
 
