@@ -7,6 +7,7 @@ and a PNG plots the curves.
     python examples/finetune.py                               # tiny random LLaMA, byte tokens
     python examples/finetune.py --model PATH --attn sdpa,triton_attention --max-steps 200
     python examples/finetune.py --lora                        # LoRA adapters (peft) only
+    python examples/finetune.py --packing --attn sdpa,triton_attention   # padded vs packed
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --attn triton_attention
 
 Data: a ``datasets.Dataset`` built from a local text file (default: the GPL-3 text that ships
@@ -14,6 +15,12 @@ with Debian/Ubuntu), tokenized and cut into blocks of ``--seq-len`` tokens. The 
 is a 2-layer LLaMA with random weights reading UTF-8 bytes (vocab 256), small enough for the
 CPU, where the kernels run (slowly) in Triton's interpreter; ``--model`` takes any causal LM
 folder or hub id together with its tokenizer.
+
+``--packing`` trains on documents instead (the text's paragraphs, up to ``--seq-len`` tokens
+each: real, uneven lengths), each implementation twice on the same batches: padded to the
+longest document of the batch, and packed into one row by transformers'
+``DataCollatorWithFlattening`` (position_ids restarting per document, no padding). tokens/s
+then counts real tokens only; the losses agree, as both predict the same tokens.
 
 Under ``accelerate launch`` every process builds its model from the same seed (the summary
 records each process's initial weights to show it) and only the main process reports.
@@ -79,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="train LoRA adapters (peft) on --lora-targets instead of all weights",
     )
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="documents of uneven lengths, each implementation padded and packed (see above)",
+    )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument(
@@ -123,6 +135,59 @@ def build_dataset(text: str, encode, seq_len: int):
     return ds
 
 
+def build_documents(text: str, encode, max_len: int):
+    """Paragraphs → token ids, one example per paragraph cut to ``max_len`` tokens (labels =
+    inputs): the uneven lengths of real text, for padding against packing."""
+    from datasets import Dataset
+
+    docs = [encode(p + "\n\n")[:max_len] for p in text.split("\n\n") if p.strip()]
+    docs = [d for d in docs if len(d) >= 2]  # one token predicts nothing
+    if not docs:
+        raise SystemExit("the text has no paragraph of 2 tokens or more")
+    return Dataset.from_dict({"input_ids": docs, "labels": docs})
+
+
+def pad_to_longest(features: list[dict]) -> dict:
+    """A padding collator for token ids without a tokenizer: right padding to the batch's
+    longest example, attention_mask 0 and labels -100 there."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(f["input_ids"]) for f in features]
+    labels = [torch.tensor(f["labels"]) for f in features]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=0),
+        "attention_mask": pad_sequence([torch.ones_like(t) for t in ids], batch_first=True),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=-100),
+    }
+
+
+class CountingCollator:
+    """A collator that also records each batch's real (non-padding) tokens and input shape, in
+    batch order."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.real_tokens: list[int] = []
+        self.shapes: list[list[int]] = []
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        self.real_tokens.append(sum(len(f["input_ids"]) for f in features))
+        self.shapes.append(list(batch["input_ids"].shape))
+        return batch
+
+
+def collator(layout: str | None):
+    """blocks: every example full; padded / packed: --packing's two ways with documents."""
+    from transformers import DataCollatorWithFlattening, default_data_collator
+
+    if layout == "packed":
+        return CountingCollator(DataCollatorWithFlattening())
+    if layout == "padded":
+        return CountingCollator(pad_to_longest)
+    return default_data_collator
+
+
 def encoder(model: str | None):
     if model is None:
         return lambda text: list(text.encode("utf-8"))
@@ -142,6 +207,14 @@ def build_model(args, attn_implementation: str):
         )
     config = LlamaConfig(**TINY_LLAMA, max_position_embeddings=max(args.seq_len, 128))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def build_training_model(args, attn_implementation: str):
+    model = build_model(args, attn_implementation)
+    # Training keeps no KV cache; transformers also looks for packed sequences (position_ids
+    # restarting) only without one, so packed documents would otherwise attend across.
+    model.config.use_cache = False
+    return model
 
 
 def add_lora(model, args):
@@ -193,11 +266,13 @@ def make_step_timer(device: str):
     return StepTimer()
 
 
-def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemory) -> dict:
+def train(
+    args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemory, layout=None
+) -> dict:
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
     set_seed(args.seed)  # same initial weights for every implementation and every process
-    model = build_model(args, name)
+    model = build_training_model(args, name)
     if args.lora:
         model = add_lora(model, args)
     # counted before the Trainer wraps the model (FSDP renames and flattens parameters)
@@ -223,11 +298,12 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
         fp16=dtype == "float16",
     )
     timer = make_step_timer(device)
+    collate = collator(layout)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=ds,
-        data_collator=default_data_collator,
+        data_collator=collate,
         callbacks=[timer],
     )
     # one fingerprint per process, taken before DDP broadcasts rank 0's weights to the others
@@ -243,13 +319,19 @@ def train(args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemo
     after = tensor_sums(trainer.accelerator.get_state_dict(trainer.model_wrapped))
     changed = [n for n, s in after.items() if s != before.get(n)]
     # the first step warms up (Triton compiles on the GPU)
-    timed = timer.seconds[1:] or timer.seconds
-    tokens_per_step = args.batch_size * args.seq_len * training_args.world_size
+    first = 1 if len(timer.seconds) > 1 else 0
+    timed = timer.seconds[first:]
+    if layout is None:
+        tokens = args.batch_size * args.seq_len * training_args.world_size * len(timed)
+    else:  # this process's real tokens, batch by batch (the collator may run one batch ahead)
+        tokens = sum(collate.real_tokens[first : len(timer.seconds)]) * training_args.world_size
     return {
         "attn_implementation": name,
+        "layout": layout or "blocks",
+        "batch_shapes": getattr(collate, "shapes", [])[: len(timer.seconds)],
         "path": path,
         "final_loss": losses[-1][1],
-        "tokens_per_s": tokens_per_step * len(timed) / sum(timed),
+        "tokens_per_s": tokens / sum(timed),
         "peak_mib": memory.read_mib(),
         "initial_weight_sums": initial_weight_sums,
         "parameters": {
@@ -275,7 +357,7 @@ def plot(runs: list[dict], title: str, path: Path) -> None:
             steps,
             losses,
             ("-", "--", ":", "-.")[i % 4],
-            label=f"{run['attn_implementation']}: {run['path']}",
+            label=f"{run['attn_implementation']} {run['layout']}: {run['path']}",
         )
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.legend()
@@ -307,7 +389,7 @@ def report(args, setup: dict, runs: list[dict], memory: runtime.PeakMemory) -> d
         ),
         [
             (
-                r["attn_implementation"],
+                r["attn_implementation"] + ("" if r["layout"] == "blocks" else f" {r['layout']}"),
                 r["path"],
                 f"{r['final_loss']:.4f}",
                 f"{r['max_loss_diff_vs_first']:.2e}",
@@ -319,7 +401,8 @@ def report(args, setup: dict, runs: list[dict], memory: runtime.PeakMemory) -> d
     )
     print(f"ran as {distributed}")
     print(
-        "tokens/s: training tokens per second after the first step, all processes together; "
+        "tokens/s: training tokens (--packing: real tokens only) per second after the first "
+        "step, all processes together; "
         f"peak MiB (main process): {memory.measures}"
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,18 +431,25 @@ def main(argv=None) -> dict:
     runtime.import_hf_flashattn(device)  # registers "triton_attention"
     dtype = precision(args, device)
     text_path = args.text or runtime.default_text()
-    ds = build_dataset(text_path.read_text(encoding="utf-8"), encoder(args.model), args.seq_len)
+    text, encode = text_path.read_text(encoding="utf-8"), encoder(args.model)
+    if args.packing:
+        ds = build_documents(text, encode, args.seq_len)
+    else:
+        ds = build_dataset(text, encode, args.seq_len)
     model_name = args.model or "tiny random LLaMA (bytes)"
     if args.lora:
         model_name += f", LoRA r={args.lora_rank} on {','.join(args.lora_targets)}"
     print(
-        f"{model_name}: {len(ds)} blocks of {args.seq_len} tokens from {text_path}, "
+        f"{model_name}: {len(ds)} "
+        f"{'documents of up to' if args.packing else 'blocks of'} {args.seq_len} tokens from "
+        f"{text_path}, "
         f"batch {args.batch_size}, {args.max_steps} steps, {dtype}, {device}"
     )
     setup = {
         "model": model_name,
         "text": str(text_path),
         "seq_len": args.seq_len,
+        "packing": args.packing,
         "batch_size": args.batch_size,
         "max_steps": args.max_steps,
         "lr": args.lr,
@@ -371,7 +461,12 @@ def main(argv=None) -> dict:
     }
 
     memory = runtime.PeakMemory(device)
-    runs = [train(args, ds, name, dtype, device, memory) for name in args.attn]
+    layouts = ("padded", "packed") if args.packing else (None,)
+    runs = [
+        train(args, ds, name, dtype, device, memory, layout)
+        for name in args.attn
+        for layout in layouts
+    ]
     state = PartialState()
     # under accelerate launch one process reports; then all of them close the process group
     # together, as torch asks of a distributed program before it exits

@@ -22,13 +22,17 @@ Mask forms, by what the attention function receives:
 4-D ``(batch, 1, q, k)``    anything else, bool or additive float, with eager's meaning: checked
                             once per mask tensor for being key padding + causal, else eager runs
                             (the check reads values: under torch.compile, a graph break)
+3-D ``(batch, 1, k + 1)``   int32: packed sequences, each row's cu_seqlens (our mask function's
+                            form for transformers' packed-sequence mask); causal within each
 ==========================  ======================================================================
 
 The 2-D form is what transformers' own FlashAttention-2 mask function returns, so models that
 support FA2 already pass it through untouched. Our mask function returns the full 4-D mask only
-for patterns that are not plain causal or bidirectional by its arguments (sliding windows and
-chunks narrower than the keys, packed sequences, or/and overlays); those cost O(seq_q * seq_k)
-once per forward, as in SDPA.
+for patterns that are not plain causal or bidirectional by its arguments nor packed sequences
+(sliding windows and chunks narrower than the keys, or/and overlays); those cost
+O(seq_q * seq_k) once per forward, as in SDPA. Packed sequences are read from the mask function
+and checked pair by pair, in slices of query rows: O(seq^2) work but O(seq) memory, once per
+forward.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 from .op import flash_attn
+from .packing import cu_seqlens_from_starts, token_bounds
 from .support import sliding_window, unsupported_reason
 
 ATTN_IMPLEMENTATION = "triton_attention"
@@ -64,11 +69,14 @@ class KernelMask(NamedTuple):
     key_padding_mask: (batch_size, kv_len) bool, True = attend; None when every key is attended.
     causal: bottom-right aligned causal mask over the first ``kv_len`` keys.
     kv_len: keys ``[0, kv_len)`` take part; the rest (unused static-cache slots) never do.
+    cu_seqlens: (batch_size, num_seqs + 1) int32 packed sequences per row (``flash_attn``'s
+        argument), or None.
     """
 
     key_padding_mask: torch.Tensor | None
     causal: bool
     kv_len: int
+    cu_seqlens: torch.Tensor | None = None
 
 
 def _tracing() -> bool:
@@ -177,6 +185,13 @@ def attention_mask(
                 return torch.ones((batch_size, kv_len), dtype=torch.bool, device=device)
             return padding[:, :kv_len]
 
+    if attention_mask is None and not kwargs.get("use_vmap"):
+        packed = _packed_sequences(
+            mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device
+        )
+        if packed is not None:
+            return packed
+
     kwargs = {
         k: v
         for k, v in kwargs.items()
@@ -194,6 +209,61 @@ def attention_mask(
         allow_is_bidirectional_skip=False,
         **kwargs,
     )
+
+
+# Query rows of a mask function evaluated at once while checking for packed sequences: bounds
+# that check's memory to batch x _CHECK_ROWS x seq booleans.
+_CHECK_ROWS = 256
+
+
+def _packed_sequences(
+    mask_function: Callable,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor,
+    kv_offset: int,
+    device,
+) -> torch.Tensor | None:
+    """Packed sequences (transformers' mask when position_ids restart: causal within each
+    sequence of a row), as the (batch_size, 1, seq + 1) int32 cu_seqlens of each row; None for
+    any other pattern.
+
+    Read from the mask function itself, evaluated on index tensors as ``sdpa_mask`` does: a
+    sequence starts at each token that may not see the token before it; then every (query,
+    key) pair is checked against causal-within-sequence, _CHECK_ROWS query rows at a time
+    (O(seq^2) work once per forward, O(seq) memory per row of the batch), so no other pattern is
+    ever taken for it. Not while compiling (the check reads values).
+    """
+    if _tracing() or isinstance(q_offset, torch.Tensor):
+        return None
+    if q_offset != 0 or kv_offset != 0 or q_length != kv_length or q_length < 2:
+        return None
+    batch = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
+    head = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=device)
+    tokens = torch.arange(kv_length, device=device)
+    try:
+        sees_previous = mask_function(
+            batch, head, tokens[1:].view(1, 1, -1, 1), tokens[:-1].view(1, 1, -1, 1)
+        )
+        starts_here = torch.zeros((batch_size, kv_length), dtype=torch.bool, device=device)
+        starts_here[:, 1:] = ~torch.as_tensor(sees_previous, device=device).view(-1, kv_length - 1)
+        if not bool(starts_here.any()):
+            return None  # one sequence per row: not packing (sdpa_mask builds what it is)
+        cu_seqlens = cu_seqlens_from_starts(starts_here)
+        start = token_bounds(cu_seqlens, kv_length)[:, 0]
+        cols = tokens.view(1, 1, 1, -1)
+        agrees = torch.ones((), dtype=torch.bool, device=device)
+        for first in range(0, q_length, _CHECK_ROWS):
+            rows = tokens[first : first + _CHECK_ROWS].view(1, 1, -1, 1)
+            allowed = mask_function(batch, head, rows, cols)
+            expected = (cols <= rows) & (cols >= start[:, None, first : first + _CHECK_ROWS, None])
+            agrees = agrees & (allowed == expected).all()
+    except (IndexError, RuntimeError, TypeError, ValueError):
+        return None  # a mask function that takes no index tensors: not transformers' packing
+    if not bool(agrees):
+        return None
+    return cu_seqlens[:, None, :]
 
 
 # ---------------------------------------------------------------------------- mask normalisation
@@ -296,9 +366,18 @@ def kernel_mask(
                 f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}"
             )
         return KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
+    if attention_mask.dim() == 3 and attention_mask.dtype == torch.int32:
+        # our mask function's packed sequences: each row's cu_seqlens, causal within each
+        if q_len != k_len or attention_mask.shape[1:] != (1, k_len + 1):
+            raise ValueError(
+                f"a packed-sequence mask (batch, 1, seq + 1) needs seq_q == seq_k; got mask "
+                f"{tuple(attention_mask.shape)} for seq_q={q_len}, seq_k={k_len}"
+            )
+        return KernelMask(None, True, k_len, attention_mask[:, 0])
     if attention_mask.dim() != 4:
         raise ValueError(
-            f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}"
+            f"attention_mask must be None, 2-D, 4-D or a packed-sequence mask, got shape "
+            f"{tuple(attention_mask.shape)}"
         )
     # No memo while tracing (a graph has no tensor identity) nor for inference tensors (no version
     # counter to notice in-place edits).
@@ -361,13 +440,17 @@ def _additive_mask(
     km = kernel_mask(attention_mask, causal, q_len, k_len)
     cols = torch.arange(k_len, device=query.device)
     allowed = (cols < km.kv_len)[None, :].expand(q_len, -1)
+    if km.cu_seqlens is not None:
+        # packed sequences: each query sees its own sequence's keys only
+        start, end = token_bounds(km.cu_seqlens, k_len).unbind(1)
+        allowed = (cols >= start[:, :, None]) & (cols < end[:, :, None])
     if km.causal or sliding_window is not None:
         rows = torch.arange(q_len, device=query.device)[:, None] + (km.kv_len - q_len)
         if km.causal:
             allowed = allowed & (cols[None, :] <= rows)
         if sliding_window is not None:
             allowed = allowed & (cols[None, :] > rows - sliding_window)
-    allowed = allowed[None, None]
+    allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
     if km.key_padding_mask is not None:
         kpm = nn.functional.pad(km.key_padding_mask, (0, k_len - km.kv_len))
         allowed = allowed & kpm[:, None, None, :]
@@ -468,10 +551,50 @@ def attention_forward(
     kpm = km.key_padding_mask
     if kpm is not None and kpm.shape[0] != query.shape[0]:
         kpm = kpm.expand(query.shape[0], -1)  # a 4-D mask broadcast over the batch
+    cu_seqlens = km.cu_seqlens
+    if cu_seqlens is None and attention_mask is None:
+        cu_seqlens = _flash_kwargs_packing(kwargs, query.shape[0], q_len, k_len)
     out = flash_attn(
-        query, key, value, causal=km.causal, scale=scaling, dropout_p=dropout, key_padding_mask=kpm
+        query,
+        key,
+        value,
+        causal=km.causal,
+        scale=scaling,
+        dropout_p=dropout,
+        key_padding_mask=kpm,
+        cu_seqlens=cu_seqlens,
     )
     return out.transpose(1, 2), None
+
+
+# The last (cu_seq_lens_q, cu_seq_lens_k) pair found equal: transformers hands every layer the
+# same kwargs, so the comparison (a host sync) runs once per forward.
+_equal_cu_pair: tuple[weakref.ref, weakref.ref, int, int] | None = None
+
+
+def _flash_kwargs_packing(kwargs: dict, batch: int, q_len: int, k_len: int):
+    """The packed sequences transformers' FlashAttention kwargs give
+    (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): ``cu_seq_lens_q`` and
+    ``cu_seq_lens_k`` over one packed row (batch 1), the same boundaries for queries and keys.
+    Their ``max_length_*`` / ``max_seqlen_*`` companions are not needed: the kernels read each
+    token's sequence bounds. None when absent, or when they describe anything else (the mask
+    alone governs then, as in eager attention)."""
+    global _equal_cu_pair
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if not isinstance(cu_q, torch.Tensor) or batch != 1 or q_len != k_len:
+        return None
+    if cu_k is None or cu_k is cu_q:
+        return cu_q
+    if cu_q.is_inference() or cu_k.is_inference():  # no version counters to memoise on
+        return cu_q if not _tracing() and torch.equal(cu_q, cu_k) else None
+    memo = _equal_cu_pair
+    versions = (cu_q._version, cu_k._version)
+    if memo is not None and memo[0]() is cu_q and memo[1]() is cu_k and memo[2:] == versions:
+        return cu_q
+    if _tracing() or not torch.equal(cu_q, cu_k):
+        return None
+    _equal_cu_pair = (weakref.ref(cu_q), weakref.ref(cu_k), *versions)
+    return cu_q
 
 
 def register() -> None:

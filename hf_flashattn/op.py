@@ -34,6 +34,7 @@ from .kernels.configs import (
 from .kernels.decode import attn_decode_combine_kernel, attn_decode_split_kernel
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
 from .launch import _Launcher
+from .packing import cached_token_bounds, check_cu_seqlens
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -78,7 +79,7 @@ _KERNELS = {
 def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_dropout, has_dlse = key
+        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, has_dlse = key
         kernel, table, grid_block = _KERNELS[name]
         constexprs = dict(
             GROUP=group,
@@ -86,6 +87,7 @@ def _launcher(name: str, key: tuple) -> _Launcher:
             BLOCK_D=block_d(head_dim),
             IS_CAUSAL=causal,
             HAS_KPM=has_kpm,
+            HAS_SEG=has_seg,
             HAS_DROPOUT=has_dropout,
             UPCAST=_upcast(dtype),
             # fp32 callers asked for fp32 results: plain tf32 dots err ~1e-3, so fp32 inputs
@@ -193,9 +195,10 @@ def _on_device(fn):
 
 # ---------------------------------------------------------------------------- launch functions
 @_on_device
-def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed):
     """Launch the forward. q (batch, heads_q, seq_q, dim), k/v (batch, heads_kv, seq_k, dim),
-    last dim dense; seed: (1,) int64 on q's device, or None without dropout.
+    last dim dense; segments: packed sequences' token bounds (``_segment_bounds``), or None;
+    seed: (1,) int64 on q's device, or None without dropout.
     Returns out (batch, heads_q, seq_q, dim) stored as (batch, seq, heads, dim), and lse
     (batch, heads_q, seq_q) float32."""
     batch, heads_q, seqlen_q, head_dim = q.shape
@@ -212,17 +215,18 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
+    has_seg = segments is not None
     group = heads_q // heads_kv
-    if dropout_p == 0.0 and group * seqlen_q <= MAX_DECODE_ROWS:
+    if dropout_p == 0.0 and not has_seg and group * seqlen_q <= MAX_DECODE_ROWS:
         _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, False)
+    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, False)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
-        (q, k, v, out, lse, kpm, q if seed is None else seed),
+        (q, k, v, out, lse, kpm, segments if has_seg else q, q if seed is None else seed),
         (scale * _LOG2E, dropout_p),
         (
             *q.stride(),
@@ -230,6 +234,7 @@ def _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
             *v.stride(),
             *out.stride(),
             kpm.stride(0) if has_kpm else 0,
+            segments.stride(0) if has_seg else 0,
             heads_q,
             seqlen_q,
             seqlen_k,
@@ -290,7 +295,9 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
 
 
 @_on_device
-def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed):
+def _backward(
+    q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed
+):
     """Launch the backward: the dQ pass (which also computes delta, with dlse folded in), then
     the dK/dV pass. dout like out, or None (only lse was used); dlse like lse, or None.
     Returns dq, dk, dv shaped and strided like q, k, v."""
@@ -311,14 +318,16 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointers, never read
     kpm_stride = kpm.stride(0) if has_kpm else 0
+    has_seg = segments is not None
+    seg, seg_stride = (segments, segments.stride(0)) if has_seg else (q, 0)
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
     group = heads_q // heads_kv
-    key = (q.dtype, head_dim, group, causal, has_kpm, dropout_p > 0.0, has_dlse)
+    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,
-        (q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, kpm, seed),
+        (q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, kpm, seg, seed),
         (qk_scale, scale, dropout_p),
         (
             *q.stride(),
@@ -328,6 +337,7 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
             *dout.stride(),
             *dq.stride(),
             kpm_stride,
+            seg_stride,
             heads_q,
             seqlen_q,
             seqlen_k,
@@ -336,7 +346,7 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
     _launcher("dkdv", key[:-1] + (False,))(
         seqlen_k,
         batch * heads_kv,
-        (q, k, v, dout, lse, delta, dk, dv, kpm, seed),
+        (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed),
         (qk_scale, scale, dropout_p),
         (
             *q.stride(),
@@ -346,6 +356,7 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
             *dk.stride(),
             *dv.stride(),
             kpm_stride,
+            seg_stride,
             heads_q,
             heads_kv,
             seqlen_q,
@@ -361,16 +372,18 @@ def _backward(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dr
 # Shared by the eager Function and the custom op's autograd: what the forward saves, and how
 # the backward launch (``_backward`` eagerly, ``_bwd_op`` under torch.compile) uses it.
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, dropout_p, seed = inputs
+    q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segments, seed)
     ctx.args = (causal, scale, dropout_p)
 
 
 def _input_grads(launch_backward, ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
-    dq, dk, dv = launch_backward(q, k, v, out, lse, dout, dlse, key_padding_mask, *ctx.args, seed)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, key_padding_mask, segments, seed = ctx.saved_tensors
+    dq, dk, dv = launch_backward(
+        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, *ctx.args, seed
+    )
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 class _FlashAttn(torch.autograd.Function):
@@ -396,16 +409,17 @@ def _fwd_op(
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    segments: torch.Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    return _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+def _(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed):
     batch, heads_q, seqlen_q, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, heads_q, head_dim)).transpose(1, 2)
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
@@ -422,18 +436,19 @@ def _bwd_op(
     dout: torch.Tensor | None,
     dlse: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
+    segments: torch.Tensor | None,
     causal: bool,
     scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(
-        q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed
+        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed
     )
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, key_padding_mask, causal, scale, dropout_p, seed):
+def _(q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -531,6 +546,7 @@ def flash_attn(
     scale: float | None = None,
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
     layout: str = "bhsd",
 ):
@@ -576,6 +592,13 @@ def flash_attn(
             from the default generator of q's device.
         key_padding_mask: (batch_size, seqlen_k) bool, default None. True = attend. A query
             row with no key to attend to gives zeros (and zero gradients), never NaN.
+        cu_seqlens: int32/int64, default None. Packed sequences: several sequences laid end
+            to end along the sequence dimension (seq_q == seq_k), each attending only within
+            itself (and causally with ``causal=True``), as if run alone: the cumulative
+            lengths ``[0, len_0, len_0 + len_1, ..., seq_len]``, shape (num_seqs + 1,) for
+            every batch row alike or (batch_size, num_seqs + 1) per row (a row with fewer
+            sequences repeats its last value). Non-decreasing, from 0 to seq_len. Not with
+            key_padding_mask (padding is a sequence of its own there).
         return_lse: bool, default False. Also return the log-sum-exp of the scaled scores
             (differentiable: gradients through it reach q and k).
         layout: "bhsd" (default) or "bshd", the layout of q, k, v and of out.
@@ -588,6 +611,14 @@ def flash_attn(
             layouts, natural log; -inf for rows that attend to nothing.
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout)
+    segments = None
+    if cu_seqlens is not None:
+        seq_dim = 1 if layout == "bshd" else 2
+        seqlen_q, seqlen_k = q.shape[seq_dim], k.shape[seq_dim]
+        check_cu_seqlens(cu_seqlens, q.shape[0], seqlen_q, seqlen_k, q.device)
+        if key_padding_mask is not None:
+            raise ValueError("pass cu_seqlens or key_padding_mask, not both")
+        segments = cached_token_bounds(cu_seqlens, seqlen_q)
     bshd = layout == "bshd"
     if bshd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -603,7 +634,7 @@ def flash_attn(
         key_padding_mask = key_padding_mask.contiguous()
     causal, dropout_p = bool(causal), float(dropout_p)
     seed = _new_seed(q.device) if dropout_p > 0.0 else None
-    args = (q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed)
     if torch.compiler.is_compiling():
         out, lse = _fwd_op(*args)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -31,7 +31,15 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "K/V are never copied",
     "causal attention": "bottom-right aligned, so decoding with a KV cache (fewer queries than "
     "keys) is exact",
-    "padding": "left and right padding, as a boolean key-padding mask",
+    "padding": "left and right padding, as a boolean key-padding mask; key blocks past a row's "
+    "last kept key (or before its first) are skipped",
+    "packed sequences": "several sequences in one row, each attending only within itself: "
+    "recognised from transformers' packed-sequence mask (position_ids restarting, no cache; "
+    "the pattern is checked pair by pair, once per forward) or from "
+    "`cu_seq_lens_q`/`cu_seq_lens_k` keywords; `flash_attn(cu_seqlens=...)`; under "
+    "torch.compile packed rows still run eager",
+    "decoding": "few query rows per K/V head (one token, or a short chunk) split the keys over "
+    "the GPU (flash-decoding), the query heads of a GQA group sharing each K/V load",
     "static KV caches": "unused cache slots are cut off before the kernel runs",
     "bidirectional attention": "encoders, cross-attention and decoders with config.is_causal=False",
     "sliding window": "only while the window covers every key (otherwise: eager)",
@@ -64,8 +72,8 @@ FALLBACK_REASONS: dict[str, str] = {
     "softcap": "attention logit soft-capping",
     "attention_sinks": "attention sinks (s_aux)",
     "position_bias": "an additive position bias",
-    "mask": "the attention mask is not key padding + causal (an arbitrary additive bias, "
-    "packed sequences, chunked or blockwise attention)",
+    "mask": "the attention mask is not key padding + causal or packed sequences (an arbitrary "
+    "additive bias, chunked or blockwise attention; packed sequences under torch.compile)",
 }
 
 

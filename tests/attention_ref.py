@@ -17,11 +17,13 @@ def attention_ref(
     causal=False,
     scale=None,
     key_padding_mask=None,
+    cu_seqlens=None,
     dropout_keep=None,
     dropout_p=0.0,
     upcast=True,
 ):
-    """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None."""
+    """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None;
+    cu_seqlens (n + 1,) or (b, n + 1): packed sequences, each attending only within itself."""
     dtype_out = q.dtype
     if upcast:
         # float64 wherever affordable; float32 on the GPU is enough for 16-bit inputs
@@ -40,6 +42,9 @@ def attention_ref(
     visible = visible.expand(q.shape[0], 1, seqlen_q, seqlen_k)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
+    if cu_seqlens is not None:
+        sequence = _sequence_ids(cu_seqlens, q.shape[0], seqlen_q).to(q.device)
+        visible = visible & (sequence[:, None, :, None] == sequence[:, None, None, :])
     empty_row = ~visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty_row, 0.0)
     probs = torch.softmax(scores.float() if not upcast else scores, dim=-1).to(scores.dtype)
@@ -49,6 +54,17 @@ def attention_ref(
         probs = probs.masked_fill(~dropout_keep, 0.0) / (1.0 - dropout_p)
     out = probs @ v
     return out.to(dtype_out) if not upcast else out, lse
+
+
+def _sequence_ids(cu_seqlens, batch, seqlen):
+    """(batch, seqlen): which packed sequence each token belongs to, from the boundaries one by
+    one (plain Python: independent of the op's own conversion)."""
+    rows = cu_seqlens.reshape(-1, cu_seqlens.shape[-1]).tolist()
+    ids = torch.empty(len(rows), seqlen, dtype=torch.long)
+    for r, bounds in enumerate(rows):
+        for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            ids[r, start:end] = n
+    return ids.expand(batch, -1)
 
 
 def max_err(a, b) -> float:

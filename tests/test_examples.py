@@ -243,6 +243,30 @@ def test_finetune_lora(text_file, tmp_path):
         assert params["trainable_tensors"] == 16, params
 
 
+LAYOUTS = ("padded", "packed")  # finetune.py --packing's two runs per implementation
+
+
+@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py --packing")
+def test_finetune_packing(text_file, tmp_path):
+    """--packing: eager and triton_attention each padded and packed on the same documents: the
+    packed batches are one row without padding, all four loss curves agree, and the kernels
+    run in every layer."""
+    flags = "--packing --attn eager,triton_attention --max-steps 2 --seq-len 64 --batch-size 4"
+    summary = finetune([], flags, text_file, tmp_path)
+    runs = {(r["attn_implementation"], r["layout"]): r for r in summary["runs"]}
+    assert list(runs) == [(a, lay) for a in ("eager", "triton_attention") for lay in LAYOUTS]
+    for (name, layout), r in runs.items():
+        rows = [shape[0] for shape in r["batch_shapes"]]
+        assert rows == ([1, 1] if layout == "packed" else [4, 4]), (name, layout, rows)
+        assert r["tokens_per_s"] > 0
+    for step in range(2):
+        reference = runs[("eager", "padded")]["losses"][step][1]
+        for (name, layout), r in runs.items():
+            loss = r["losses"][step][1]
+            assert abs(loss - reference) <= REL_TOL * abs(reference), (name, layout, step, loss)
+    assert runs[("triton_attention", "packed")]["path"] in KERNEL_PATHS
+
+
 @skip_without(*FINETUNE_NEEDS, needed_by="finetune.py")
 def test_finetune_bf16_mixed_precision_runs_the_kernels(text_file, tmp_path):
     """--dtype bfloat16 trains float32 weights under autocast (Trainer(bf16=True)): the kernels

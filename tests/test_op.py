@@ -31,15 +31,13 @@ def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_di
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None):
+def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None, cu_seqlens=None):
     """Forward, LSE and all three gradients of flash_attn against the reference."""
-    out, lse = flash_attn(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, return_lse=True
-    )
+    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
+    out, lse = flash_attn(q, k, v, return_lse=True, **kw)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
 
-    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     ref, lse_ref = attention_ref(q, k, v, **kw)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
     lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
@@ -616,12 +614,17 @@ def test_eager_calls_skip_the_custom_op(device, monkeypatch):
         flash_attn(q, k, v)
 
 
-def test_custom_op_matches_eager_path(device):
-    """The torch.compile path (custom ops, their autograd) runs the same launch functions."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_custom_op_matches_eager_path(device, packed):
+    """The torch.compile path (custom ops, their autograd) runs the same launch functions, with
+    packed sequences' token bounds too."""
     from hf_flashattn import op
+    from hf_flashattn.packing import token_bounds
 
-    q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, 50, 32)
-    args = (q, k, v, None, True, 32**-0.5, 0.0, None)
+    seqlen_k = 40 if packed else 50
+    q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, seqlen_k, 32)
+    segments = token_bounds(torch.tensor([0, 15, 40], device=device), 40) if packed else None
+    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None)
     out, lse = op._fwd_op(*args)
     out_e, lse_e = op._FlashAttn.apply(*args)
     assert torch.equal(out, out_e) and torch.equal(lse, lse_e)

@@ -12,7 +12,15 @@ there are no atomics and repeated runs give bitwise-identical gradients.
 import triton
 import triton.language as tl
 
-from .fwd import _dropout_keep, _kept_key_range, _key_bounds, _program_blocks, _turn_block
+from .fwd import (
+    _dropout_keep,
+    _kept_key_range,
+    _key_bounds,
+    _program_blocks,
+    _segment_mask,
+    _segment_span,
+    _turn_block,
+)
 
 
 @triton.jit
@@ -23,12 +31,15 @@ def _recompute_p(
     offs_m,
     cols,
     kpm_ptr,
+    seg_ptr,
+    seqlen_q,
     seqlen_k,
     causal_offset,
     qk_scale,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # P = exp2(S * scale * log2e - lse * log2e); masked entries are exactly 0
@@ -38,6 +49,8 @@ def _recompute_p(
         valid = cols[None, :] < seqlen_k
         if IS_CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if HAS_SEG:
+            valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, False)
         p = tl.where(valid, p, 0.0)
     if HAS_KPM:
         keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0)
@@ -65,6 +78,7 @@ def _attn_bwd_dkdv_inner(
     LSE,
     Delta,
     kpm_ptr,
+    seg_ptr,
     lo,
     hi,
     start_n,
@@ -87,6 +101,7 @@ def _attn_bwd_dkdv_inner(
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -126,6 +141,8 @@ def _attn_bwd_dkdv_inner(
             valid = cols[:, None] < seqlen_k
             if IS_CAUSAL:
                 valid = valid & (cols[:, None] <= offs_m[None, :] + causal_offset)
+            if HAS_SEG:
+                valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, True)
             p_t = tl.where(valid, p_t, 0.0)
         if HAS_KPM:
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
@@ -155,6 +172,7 @@ def attn_bwd_dkdv_kernel(
     DK,
     DV,
     KPM,
+    Seg,
     Seed,
     qk_scale,
     sm_scale,
@@ -184,6 +202,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvn,
     stride_dvd,
     stride_kpm_b,
+    stride_seg_b,
     num_heads_q,
     num_heads_kv,
     seqlen_q,
@@ -195,6 +214,7 @@ def attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -211,6 +231,7 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kpm_ptr = KPM + b64 * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    seg_ptr = Seg + b64 * stride_seg_b
     causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_n = _turn_block(first, turn, n_blocks_n) * BLOCK_N
@@ -254,6 +275,13 @@ def attn_bwd_dkdv_kernel(
         # the key block itself is ragged at the end of the sequence: mask every block then
         ragged_k = start_n + BLOCK_N > seqlen_k
         hi_full = seqlen_q // BLOCK_M * BLOCK_M
+        q_end = seqlen_q
+        if HAS_SEG:
+            # packed sequences: only the queries of this key block's sequences, every block
+            # masked (a sequence's edge may cut any block)
+            q_start, q_end = _segment_span(seg_ptr, start_n, BLOCK_N, seqlen_k)
+            lo = tl.maximum(lo, q_start // BLOCK_M * BLOCK_M)
+            ragged_k = start_n >= 0
         # a key block outside the kept keys gets dK = dV = 0 without visiting any query
         n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
 
@@ -275,8 +303,9 @@ def attn_bwd_dkdv_kernel(
                     lse_base,
                     delta_base,
                     kpm_ptr,
+                    seg_ptr,
                     lo,
-                    seqlen_q,
+                    q_end,
                     start_n,
                     tl.arange(0, BLOCK_N),
                     offs_d,
@@ -297,6 +326,7 @@ def attn_bwd_dkdv_kernel(
                     True,
                     IS_CAUSAL,
                     HAS_KPM,
+                    HAS_SEG,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -313,6 +343,7 @@ def attn_bwd_dkdv_kernel(
                     lse_base,
                     delta_base,
                     kpm_ptr,
+                    seg_ptr,
                     lo,
                     lo_full,
                     start_n,
@@ -335,6 +366,7 @@ def attn_bwd_dkdv_kernel(
                     True,
                     IS_CAUSAL,
                     HAS_KPM,
+                    HAS_SEG,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -349,6 +381,7 @@ def attn_bwd_dkdv_kernel(
                     lse_base,
                     delta_base,
                     kpm_ptr,
+                    seg_ptr,
                     lo_full,
                     hi_full,
                     start_n,
@@ -371,6 +404,7 @@ def attn_bwd_dkdv_kernel(
                     False,
                     IS_CAUSAL,
                     HAS_KPM,
+                    HAS_SEG,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -386,6 +420,7 @@ def attn_bwd_dkdv_kernel(
                     lse_base,
                     delta_base,
                     kpm_ptr,
+                    seg_ptr,
                     tl.maximum(hi_full, lo_full),
                     seqlen_q,
                     start_n,
@@ -408,6 +443,7 @@ def attn_bwd_dkdv_kernel(
                     True,
                     IS_CAUSAL,
                     HAS_KPM,
+                    HAS_SEG,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -444,6 +480,7 @@ def _attn_bwd_dq_inner(
     K,
     V,
     kpm_ptr,
+    seg_ptr,
     lo,
     hi,
     offs_m,
@@ -452,6 +489,7 @@ def _attn_bwd_dq_inner(
     stride_kd,
     stride_vn,
     stride_vd,
+    seqlen_q,
     seqlen_k,
     causal_offset,
     qk_scale,
@@ -464,6 +502,7 @@ def _attn_bwd_dq_inner(
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -493,12 +532,15 @@ def _attn_bwd_dq_inner(
             offs_m,
             cols,
             kpm_ptr,
+            seg_ptr,
+            seqlen_q,
             seqlen_k,
             causal_offset,
             qk_scale,
             MASKED,
             IS_CAUSAL,
             HAS_KPM,
+            HAS_SEG,
             DOT_PRECISION,
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -522,6 +564,7 @@ def attn_bwd_dq_kernel(
     Delta,
     DQ,
     KPM,
+    Seg,
     Seed,
     qk_scale,
     sm_scale,
@@ -551,6 +594,7 @@ def attn_bwd_dq_kernel(
     stride_dqm,
     stride_dqd,
     stride_kpm_b,
+    stride_seg_b,
     num_heads_q,
     seqlen_q,
     seqlen_k,
@@ -561,6 +605,7 @@ def attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -582,6 +627,7 @@ def attn_bwd_dq_kernel(
     v_base = V + b64 * stride_vb + h_kv * stride_vh
     kpm_ptr = KPM + b64 * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    seg_ptr = Seg + b64 * stride_seg_b
     causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
@@ -621,9 +667,14 @@ def attn_bwd_dq_kernel(
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        key_lo, key_hi = kept_lo, kept_hi
+        if HAS_SEG:
+            key_lo, key_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
         lo, hi_full, hi = _key_bounds(
-            start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+            start_m, seqlen_k, causal_offset, key_lo, key_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
         )
+        if HAS_SEG:
+            hi_full = lo  # a sequence's edge may cut any block: every block takes the mask
 
         dq = _attn_bwd_dq_inner(
             dq,
@@ -634,6 +685,7 @@ def attn_bwd_dq_kernel(
             k_base,
             v_base,
             kpm_ptr,
+            seg_ptr,
             lo,
             hi_full,
             offs_m,
@@ -642,6 +694,7 @@ def attn_bwd_dq_kernel(
             stride_kd,
             stride_vn,
             stride_vd,
+            seqlen_q,
             seqlen_k,
             causal_offset,
             qk_scale,
@@ -654,6 +707,7 @@ def attn_bwd_dq_kernel(
             False,
             IS_CAUSAL,
             HAS_KPM,
+            HAS_SEG,
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,
@@ -667,6 +721,7 @@ def attn_bwd_dq_kernel(
             k_base,
             v_base,
             kpm_ptr,
+            seg_ptr,
             hi_full,
             hi,
             offs_m,
@@ -675,6 +730,7 @@ def attn_bwd_dq_kernel(
             stride_kd,
             stride_vn,
             stride_vd,
+            seqlen_q,
             seqlen_k,
             causal_offset,
             qk_scale,
@@ -687,6 +743,7 @@ def attn_bwd_dq_kernel(
             True,
             IS_CAUSAL,
             HAS_KPM,
+            HAS_SEG,
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,

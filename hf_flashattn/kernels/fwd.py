@@ -94,6 +94,31 @@ def _key_bounds(
 
 
 @triton.jit
+def _segment_span(seg_ptr, first, count, seqlen):
+    # Packed sequences: ``seg_ptr`` holds, for each token of one batch row, the start of its
+    # sequence, then (at + seqlen) the end. Tokens [first, first + count) of the row attend
+    # only within [start of the first one's sequence, end of the last one's): a query block
+    # visits those keys, a key block those queries (the same rule read the other way).
+    last = tl.minimum(first + count, seqlen) - 1
+    return tl.load(seg_ptr + first), tl.load(seg_ptr + seqlen + last)
+
+
+@triton.jit
+def _segment_mask(seg_ptr, rows, cols, seqlen, TRANSPOSED: tl.constexpr):
+    # Packed sequences: query row i sees only keys of its own sequence, [start_i, end_i). A
+    # [len(rows), len(cols)] tile, or its transpose (the dK/dV pass's orientation).
+    row_ok = rows < seqlen
+    start = tl.load(seg_ptr + rows, mask=row_ok, other=0)
+    end = tl.load(seg_ptr + seqlen + rows, mask=row_ok, other=0)
+    # one return: Triton 3.6 checks every return's type, even one a constexpr branch skips
+    if TRANSPOSED:
+        inside = (cols[:, None] >= start[None, :]) & (cols[:, None] < end[None, :])
+    else:
+        inside = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+    return inside
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPOSED: tl.constexpr):
     # The keep-mask of the probabilities at query ``rows`` (1-D) and key columns
     # ``col_start + arange(N)`` (col_start a multiple of 8): a [len(rows), N] tile, or its
@@ -131,6 +156,7 @@ def _attn_fwd_inner(
     k_ptrs,
     v_ptrs,
     kpm_ptr,
+    seg_ptr,
     start_m,
     lo,
     hi,
@@ -152,6 +178,7 @@ def _attn_fwd_inner(
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -174,11 +201,13 @@ def _attn_fwd_inner(
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # -- mask: sequence end and causal diagonal only in the MASKED stage
+        # -- mask: sequence end, causal diagonal and packed sequences only in the MASKED stage
         if MASKED:
             valid = cols[None, :] < seqlen_k
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            if HAS_SEG:
+                valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, False)
             qk = tl.where(valid, qk, float("-inf"))
         if HAS_KPM:
             keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0)
@@ -217,6 +246,7 @@ def attn_fwd_kernel(
     Out,
     LSE,
     KPM,
+    Seg,
     Seed,
     qk_scale,
     dropout_p,
@@ -237,6 +267,7 @@ def attn_fwd_kernel(
     stride_om,
     stride_od,
     stride_kpm_b,
+    stride_seg_b,
     num_heads_q,
     seqlen_q,
     seqlen_k,
@@ -247,6 +278,7 @@ def attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -280,6 +312,7 @@ def attn_fwd_kernel(
     )
     kpm_ptr = KPM + b * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    seg_ptr = Seg + b * stride_seg_b
     causal_offset = seqlen_k - seqlen_q
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
@@ -301,9 +334,14 @@ def attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+        key_lo, key_hi = kept_lo, kept_hi
+        if HAS_SEG:
+            key_lo, key_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
         lo, hi_full, hi = _key_bounds(
-            start_m, seqlen_k, causal_offset, kept_lo, kept_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+            start_m, seqlen_k, causal_offset, key_lo, key_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
         )
+        if HAS_SEG:
+            hi_full = lo  # a sequence's edge may cut any block: every block takes the mask
         # stage 1: whole blocks that need no mask
         acc, l_i, m_i = _attn_fwd_inner(
             acc,
@@ -313,6 +351,7 @@ def attn_fwd_kernel(
             k_ptrs,
             v_ptrs,
             kpm_ptr,
+            seg_ptr,
             start_m,
             lo,
             hi_full,
@@ -334,6 +373,7 @@ def attn_fwd_kernel(
             False,
             IS_CAUSAL,
             HAS_KPM,
+            HAS_SEG,
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,
@@ -347,6 +387,7 @@ def attn_fwd_kernel(
             k_ptrs,
             v_ptrs,
             kpm_ptr,
+            seg_ptr,
             start_m,
             hi_full,
             hi,
@@ -368,6 +409,7 @@ def attn_fwd_kernel(
             True,
             IS_CAUSAL,
             HAS_KPM,
+            HAS_SEG,
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,

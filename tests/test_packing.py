@@ -1,0 +1,207 @@
+"""Packed sequences: several sequences along one row, each attending only within itself.
+
+The op (``flash_attn(cu_seqlens=...)``) against the reference, its argument checks, the
+boundaries read from position_ids, and the transformers integration: a packed row gives every
+sequence what it gets alone, on the kernels, with no (seq x seq) mask.
+"""
+
+import warnings
+
+import pytest
+import torch
+from attention_ref import assert_close_to_ref, attention_ref
+from test_op import FLOOR, _check, _inputs
+from tiny_models import gpt2, llama
+
+from hf_flashattn import flash_attn, integration, op
+from hf_flashattn.op import _new_seed, dropout_keep_mask
+from hf_flashattn.packing import cu_seqlens_from_position_ids, token_bounds
+
+
+def _cu(lengths, device, dtype=torch.int32):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=dtype, device=device)
+
+
+# Lengths crossing block edges of both the interpreter's 64-row blocks and the GPU's 128, a
+# one-token sequence, and an empty one (a repeated boundary).
+LENGTHS = [70, 1, 0, 130, 29]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "dtype,heads_q,heads_kv,head_dim",
+    [(torch.float16, 4, 2, 64), (torch.bfloat16, 3, 1, 128), (torch.float32, 2, 2, 40)],
+)
+def test_packed_rows_match_each_sequence_alone(device, causal, dtype, heads_q, heads_kv, head_dim):
+    q, k, v = _inputs(device, dtype, 1, heads_q, heads_kv, sum(LENGTHS), sum(LENGTHS), head_dim)
+    _check(device, dtype, q, k, v, causal=causal, cu_seqlens=_cu(LENGTHS, device))
+
+
+def test_boundaries_per_batch_row_and_bshd_layout(device):
+    """(batch, n + 1) boundaries, rows with different counts (the shorter repeats its end);
+    the bshd layout; int64 boundaries."""
+    seqlen = 150
+    cu = torch.tensor([[0, 60, 61, 150, 150], [0, 150, 150, 150, 150]], device=device)
+    # bhsd-shaped views of (batch, seq, heads, dim) memory, handed over in the bshd layout
+    q, k, v = _inputs(device, torch.float16, 2, 4, 2, seqlen, seqlen, 64, layout="bshd")
+    bshd = (t.transpose(1, 2) for t in (q, k, v))
+    out = flash_attn(*bshd, causal=True, cu_seqlens=cu, layout="bshd")
+    ref, _ = attention_ref(q, k, v, causal=True, cu_seqlens=cu)
+    lowp, _ = attention_ref(q, k, v, causal=True, cu_seqlens=cu, upcast=False)
+    assert_close_to_ref("out", out.transpose(1, 2), ref, lowp, FLOOR[torch.float16])
+
+
+def test_packed_rows_with_dropout_use_the_kernels_own_mask(device):
+    """Dropout inside packed rows: the output and gradients equal the reference under the
+    keep-mask the kernels draw (the same draws as unpacked: one per (row, column))."""
+    lengths = [40, 57, 31]
+    seqlen, p = sum(lengths), 0.2
+    cu = _cu(lengths, device)
+    q, k, v = _inputs(device, torch.float32, 1, 2, 1, seqlen, seqlen, 32)
+    torch.manual_seed(7)
+    out = flash_attn(q, k, v, causal=True, dropout_p=p, cu_seqlens=cu)
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(_new_seed(device), 1, 2, seqlen, seqlen, p, device)
+    ref, _ = attention_ref(q, k, v, causal=True, cu_seqlens=cu, dropout_keep=keep, dropout_p=p)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for ours, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_dim", [64, 128, 256])
+def test_packed_rows_with_the_gpu_block_configs(device, max_dim):
+    """The GPU tables' block shapes (BLOCK_M / BLOCK_N up to 128), forced through whichever
+    backend is here: a sequence edge inside a block, blocks spanning several sequences."""
+    from hf_flashattn.kernels.configs import gpu_configs
+
+    configs = {name: cfg for name, cfg in gpu_configs()[max_dim].items() if name != "decode"}
+    lengths = [3, 200, 61]
+    with op.forced_configs(**configs):
+        q, k, v = _inputs(device, torch.float16, 1, 2, 1, sum(lengths), sum(lengths), 64)
+        _check(device, torch.float16, q, k, v, causal=True, cu_seqlens=_cu(lengths, device))
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens,kwargs,error,match",
+    [
+        ([0, 3, 8], {}, ValueError, "from 0 to seq_len"),
+        ([1, 3, 10], {}, ValueError, "from 0 to seq_len"),
+        ([0, 6, 3, 10], {}, ValueError, "non-decreasing"),
+        ([[0, 10]] * 3, {}, ValueError, "rows but the batch is 2"),
+        ([0.0, 10.0], {}, TypeError, "int32 or int64"),
+        ([0, 10], {"key_padding_mask": True}, ValueError, "not both"),
+        ([0, 10], {"seqlen_k": 12}, ValueError, "seq_q must equal seq_k"),
+    ],
+)
+def test_bad_boundaries_are_refused_by_name(device, cu_seqlens, kwargs, error, match):
+    seqlen_k = kwargs.pop("seqlen_k", 10)
+    q, k, v = _inputs(device, torch.float16, 2, 2, 2, 10, seqlen_k, 32)
+    if kwargs.pop("key_padding_mask", False):
+        kwargs["key_padding_mask"] = torch.ones(2, seqlen_k, dtype=torch.bool, device=device)
+    cu = torch.tensor(cu_seqlens, device=device)
+    with pytest.raises(error, match=match) as info:
+        flash_attn(q, k, v, causal=True, cu_seqlens=cu, **kwargs)
+    assert "cu_seqlens" in str(info.value)
+
+
+def test_boundaries_from_position_ids():
+    """A sequence starts wherever the position does not follow the previous one by 1: restarts
+    at 0, a jump; a row that is one sequence starting past 0 (a continuation) stays one."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [7, 8, 9, 10, 11, 12, 13, 14]])
+    cu = cu_seqlens_from_position_ids(position_ids)
+    assert cu.tolist() == [[0, 3, 5, 6, 8, 8, 8, 8, 8], [0] + [8] * 8]
+    bounds = token_bounds(cu, 8)
+    assert bounds[0].tolist() == [[0, 0, 0, 3, 3, 5, 6, 6], [3, 3, 3, 5, 5, 6, 8, 8]]
+    assert bounds[1].tolist() == [[0] * 8, [8] * 8]
+
+
+# ---------------------------------------------------------------------------- transformers
+def _packed_batch(vocab, lengths, device):
+    torch.manual_seed(3)
+    sequences = [torch.randint(3, vocab, (1, n), device=device) for n in lengths]
+    position_ids = torch.cat([torch.arange(n, device=device)[None] for n in lengths], dim=1)
+    return sequences, torch.cat(sequences, dim=1), position_ids
+
+
+@pytest.mark.parametrize("build", [llama, gpt2])
+def test_a_packed_row_gives_each_sequence_what_it_gets_alone(device, build, kernel_calls):
+    """Training-style call (no cache, position_ids restarting): logits and every parameter's
+    gradient of the packed row equal those of the sequences run one by one with eager
+    attention; every layer runs the kernels, with the boundaries, no fallback warning."""
+    model = build(device)
+    lengths = [5, 9, 1, 7]
+    sequences, ids, position_ids = _packed_batch(model.config.vocab_size, lengths, device)
+
+    model.zero_grad(set_to_none=True)
+    alone = [model(s, use_cache=False).logits for s in sequences]
+    torch.cat(alone, dim=1).float().square().mean().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.set_attn_implementation("triton_attention")
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", integration.EagerFallbackWarning)
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits
+    logits.float().square().mean().backward()
+
+    torch.testing.assert_close(logits, torch.cat(alone, dim=1), atol=1e-4, rtol=1e-4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-4, rtol=1e-4)
+    assert len(kernel_calls) == model.config.num_hidden_layers
+    for call in kernel_calls:
+        assert call["cu_seqlens"].tolist() == [[0, 5, 14, 15, 22] + [22] * 18]
+
+
+def test_flash_attention_kwargs_pack_without_position_ids(device, kernel_calls):
+    """``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``'s keywords, both spellings
+    of the maximum lengths: the boundaries reach the kernels even without position_ids."""
+    model = llama(device, "triton_attention")
+    lengths = [6, 2, 8]
+    sequences, ids, _ = _packed_batch(model.config.vocab_size, lengths, device)
+    cu = _cu(lengths, device)
+    with torch.no_grad():
+        alone = torch.cat([model(s, use_cache=False).logits for s in sequences], dim=1)
+        for lengths_kw in ("max_length", "max_seqlen"):
+            kernel_calls.clear()
+            logits = model(
+                ids,
+                use_cache=False,
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu.clone(),
+                **{f"{lengths_kw}_q": 8, f"{lengths_kw}_k": 8},
+            ).logits
+            torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
+            assert all(call["cu_seqlens"] is cu for call in kernel_calls), lengths_kw
+
+
+def test_other_mask_patterns_are_not_taken_for_packing(device):
+    """The mask function's pattern is checked pair by pair: causal with one extra hole (a key
+    no query may see) is not packed sequences, so the full mask is built."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    def no_key_3(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx != 3
+
+    mask = integration.attention_mask(
+        1, 8, 8, mask_function=and_masks(causal_mask_function, no_key_3), device=device
+    )
+    assert mask.dim() == 4 and mask.shape[-2:] == (8, 8)
+    assert not bool(mask[0, 0, 5, 3]) and bool(mask[0, 0, 5, 2])
+
+
+def test_eager_fallback_sees_the_packed_sequences(device, monkeypatch):
+    """output_attentions sends the call to eager attention, which gets the same packed mask
+    as an additive (seq x seq) one: each sequence's weights stay within it."""
+    monkeypatch.setattr(integration, "_warned", set())  # the reason is warned once per process
+    model = llama(device, "triton_attention")
+    lengths = [4, 6]
+    sequences, ids, position_ids = _packed_batch(model.config.vocab_size, lengths, device)
+    with torch.no_grad(), pytest.warns(integration.EagerFallbackWarning):
+        out = model(ids, position_ids=position_ids, use_cache=False, output_attentions=True)
+        alone = torch.cat([model(s, use_cache=False).logits for s in sequences], dim=1)
+    torch.testing.assert_close(out.logits, alone, atol=1e-4, rtol=1e-4)
+    weights = out.attentions[0]
+    assert torch.all(weights[..., :4, 4:] == 0) and torch.all(weights[..., 4:, :4] == 0)
