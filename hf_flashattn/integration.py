@@ -185,7 +185,9 @@ def attention_mask(
                 return torch.ones((batch_size, kv_len), dtype=torch.bool, device=device)
             return padding[:, :kv_len]
 
-    if attention_mask is None and not kwargs.get("use_vmap"):
+    local_size = kwargs.get("local_size")
+    windowed = local_size is not None and kv_length >= local_size  # no window in the kernels
+    if attention_mask is None and not kwargs.get("use_vmap") and not windowed:
         packed = _packed_sequences(
             mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device
         )

@@ -205,3 +205,18 @@ def test_eager_fallback_sees_the_packed_sequences(device, monkeypatch):
     torch.testing.assert_close(out.logits, alone, atol=1e-4, rtol=1e-4)
     weights = out.attentions[0]
     assert torch.all(weights[..., :4, 4:] == 0) and torch.all(weights[..., 4:, :4] == 0)
+
+
+def test_windows_narrower_than_the_keys_skip_the_packing_check(device, monkeypatch):
+    """A sliding window narrower than the keys runs eager whatever else the mask holds: the
+    O(seq^2) packed-sequence check is not spent on it."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    checked = []
+    monkeypatch.setattr(integration, "_packed_sequences", lambda *args: checked.append(args))
+    window = sliding_window_causal_mask_function(4)
+    mask = integration.attention_mask(1, 8, 8, mask_function=window, local_size=4, device=device)
+    assert checked == [] and mask.shape[-2:] == (8, 8)
+    covering = dict(local_size=9, allow_is_causal_skip=True, device=device)
+    assert integration.attention_mask(1, 8, 8, mask_function=window, **covering) is None
+    assert checked == []  # the window covers the keys: plain causal, known without a check
