@@ -5,14 +5,16 @@ The same documents each step, two ways: padded (one row per document, padded to 
 ``attention_mask``) and packed (one row, ``position_ids`` restarting at each document, the
 first label of each document -100, as ``DataCollatorWithFlattening`` builds it). Both losses
 are the mean over the same predicted tokens, so they agree. Implementations: sdpa padded (what
-users run today), sdpa packed (transformers' block-diagonal (seq x seq) mask), ours padded and
-ours packed. The LLaMA-style 0.5B of bench_models.py, bf16 weights, AdamW.
+users run today), sdpa packed (transformers' block-diagonal (seq x seq) mask), flex_attention
+packed (its block mask), ours padded and ours packed. The LLaMA-style 0.5B of
+bench_models.py, bf16 weights, AdamW.
 
     python benchmarks/bench_packed.py --out benchmarks/results/packed_<gpu>_<date>.json
 
 ratios_vs_sdpa (level ``packed``): ``packed/<case>/train`` = sdpa padded seconds per real token
 / ours packed; ``.../train_vs_packed_sdpa`` against sdpa packed; ``.../train_padded`` ours
-padded against sdpa padded.
+padded against sdpa padded. ratios_vs_flex_attention: ``packed/<case>/train``, flex_attention
+packed / ours packed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 from bench_models import DEVICE, OURS, build, release
-from common import GIB, default_out, environment, error_string, write_json
+from common import GIB, default_out, environment, error_string, raise_recompile_limit, write_json
 
 # Document lengths: log-normal (median ~270 tokens, a long tail), clipped to [32, 2048], the
 # shape of instruction-tuning corpora; drawn once from a fixed seed.
@@ -91,28 +93,40 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--runs",
+        default="sdpa/padded,triton_attention/padded,sdpa/packed,flex_attention/packed,"
+        "triton_attention/packed",
+        help="comma-separated impl/layout pairs (flex_attention compiles: about a minute)",
+    )
     args = parser.parse_args(argv)
     out = args.out or default_out("packed")
-    data = {"kind": "packed", "environment": environment(), "cases": {}, "ratios_vs_sdpa": {}}
+    raise_recompile_limit()  # transformers' flex_attention is torch.compile'd
+    data = {
+        "kind": "packed",
+        "environment": environment(),
+        "cases": {},
+        "ratios_vs_sdpa": {},
+        "ratios_vs_flex_attention": {},
+    }
     for case, spec in CASES.items():
         lengths = document_lengths(**spec)
         inputs = batches(lengths, vocab=32000)
         real = sum(lengths)
         runs = {}
-        for layout in ("padded", "packed"):
-            for impl in ("sdpa", OURS):
-                name = f"{impl}/{layout}"
-                try:
-                    runs[name] = bench(impl, inputs[layout], real, args.steps)
-                except Exception as exc:  # recorded, the other runs go on
-                    runs[name] = {"error": error_string(exc)}
-                    release()
-                r = runs[name]
-                print(f"{case} {name:26s} " + (
-                    f"{r['real_tokens_per_s']:9,.0f} real tokens/s  {r['step_ms']:7.1f} ms  "
-                    f"{r['peak_gib']:5.1f} GiB  loss {r['first_loss']:.4f}"
-                    if "error" not in r else r["error"]
-                ), flush=True)  # fmt: skip
+        for name in args.runs.split(","):
+            impl, layout = name.split("/")
+            try:
+                runs[name] = bench(impl, inputs[layout], real, args.steps)
+            except Exception as exc:  # recorded, the other runs go on
+                runs[name] = {"error": error_string(exc)}
+                release()
+            r = runs[name]
+            print(f"{case} {name:26s} " + (
+                f"{r['real_tokens_per_s']:9,.0f} real tokens/s  {r['step_ms']:7.1f} ms  "
+                f"{r['peak_gib']:5.1f} GiB  loss {r['first_loss']:.4f}"
+                if "error" not in r else r["error"]
+            ), flush=True)  # fmt: skip
         data["cases"][case] = {
             "lengths": lengths,
             "real_tokens": real,
@@ -122,15 +136,17 @@ def main(argv=None) -> int:
 
         steps = {name: r.get("step_ms") for name, r in runs.items()}
         pairs = (
-            ("train", "sdpa/padded", f"{OURS}/packed"),
-            ("train_vs_packed_sdpa", "sdpa/packed", f"{OURS}/packed"),
-            ("train_padded", "sdpa/padded", f"{OURS}/padded"),
+            ("ratios_vs_sdpa", "train", "sdpa/padded", f"{OURS}/packed"),
+            ("ratios_vs_sdpa", "train_vs_packed_sdpa", "sdpa/packed", f"{OURS}/packed"),
+            ("ratios_vs_sdpa", "train_padded", "sdpa/padded", f"{OURS}/padded"),
+            ("ratios_vs_flex_attention", "train", "flex_attention/packed", f"{OURS}/packed"),
         )
-        for key, base, ours in pairs:
-            if steps[base] and steps[ours]:
-                data["ratios_vs_sdpa"][f"packed/{case}/{key}"] = steps[base] / steps[ours]
+        for table, key, base, ours in pairs:
+            if steps.get(base) and steps.get(ours):
+                data[table][f"packed/{case}/{key}"] = steps[base] / steps[ours]
         write_json(out, data)
-    print({k: round(v, 3) for k, v in data["ratios_vs_sdpa"].items()})
+    for table in ("ratios_vs_sdpa", "ratios_vs_flex_attention"):
+        print(table, {k: round(v, 3) for k, v in data[table].items()})
     print(f"wrote {out}")
     return 0
 

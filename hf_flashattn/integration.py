@@ -185,7 +185,9 @@ def attention_mask(
                 return torch.ones((batch_size, kv_len), dtype=torch.bool, device=device)
             return padding[:, :kv_len]
 
-    if attention_mask is None and not kwargs.get("use_vmap"):
+    local_size = kwargs.get("local_size")
+    windowed = local_size is not None and kv_length >= local_size  # no window in the kernels
+    if attention_mask is None and not kwargs.get("use_vmap") and not windowed:
         packed = _packed_sequences(
             mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device
         )
@@ -373,7 +375,7 @@ def kernel_mask(
                 f"a packed-sequence mask (batch, 1, seq + 1) needs seq_q == seq_k; got mask "
                 f"{tuple(attention_mask.shape)} for seq_q={q_len}, seq_k={k_len}"
             )
-        return KernelMask(None, True, k_len, attention_mask[:, 0])
+        return _packed_kernel_mask(attention_mask, k_len)
     if attention_mask.dim() != 4:
         raise ValueError(
             f"attention_mask must be None, 2-D, 4-D or a packed-sequence mask, got shape "
@@ -391,6 +393,23 @@ def kernel_mask(
     ):
         return memo[4]
     return _remember(attention_mask, q_len, k_len, _analyse_4d(attention_mask, q_len, k_len))
+
+
+# The last packed-sequence mask and its KernelMask: every layer then hands flash_attn the same
+# cu_seqlens view, whose token bounds flash_attn converts once (packing.cached_token_bounds).
+# Holds the mask (batch x (seq + 1) int32) until the next one.
+_last_packed: tuple[weakref.ref, KernelMask] | None = None
+
+
+def _packed_kernel_mask(mask: torch.Tensor, k_len: int) -> KernelMask:
+    global _last_packed
+    memo = _last_packed
+    if memo is not None and memo[0]() is mask:
+        return memo[1]
+    result = KernelMask(None, True, k_len, mask[:, 0])
+    if not _tracing():
+        _last_packed = (weakref.ref(mask), result)
+    return result
 
 
 # ---------------------------------------------------------------------------- eager fallback

@@ -127,10 +127,20 @@ def _packed_batch(vocab, lengths, device):
 
 
 @pytest.mark.parametrize("build", [llama, gpt2])
-def test_a_packed_row_gives_each_sequence_what_it_gets_alone(device, build, kernel_calls):
+def test_a_packed_row_gives_each_sequence_what_it_gets_alone(
+    device, build, kernel_calls, monkeypatch
+):
     """Training-style call (no cache, position_ids restarting): logits and every parameter's
     gradient of the packed row equal those of the sequences run one by one with eager
-    attention; every layer runs the kernels, with the boundaries, no fallback warning."""
+    attention; every layer runs the kernels, with the boundaries (converted once), no
+    fallback warning."""
+    from hf_flashattn import packing
+
+    conversions = []
+    token_bounds = packing.token_bounds
+    monkeypatch.setattr(
+        packing, "token_bounds", lambda *a: conversions.append(a) or token_bounds(*a)
+    )
     model = build(device)
     lengths = [5, 9, 1, 7]
     sequences, ids, position_ids = _packed_batch(model.config.vocab_size, lengths, device)
@@ -153,6 +163,9 @@ def test_a_packed_row_gives_each_sequence_what_it_gets_alone(device, build, kern
     assert len(kernel_calls) == model.config.num_hidden_layers
     for call in kernel_calls:
         assert call["cu_seqlens"].tolist() == [[0, 5, 14, 15, 22] + [22] * 18]
+        # one object for every layer: its token bounds are computed once per forward
+        assert call["cu_seqlens"] is kernel_calls[0]["cu_seqlens"]
+    assert len(conversions) == 1
 
 
 def test_flash_attention_kwargs_pack_without_position_ids(device, kernel_calls):
@@ -205,3 +218,18 @@ def test_eager_fallback_sees_the_packed_sequences(device, monkeypatch):
     torch.testing.assert_close(out.logits, alone, atol=1e-4, rtol=1e-4)
     weights = out.attentions[0]
     assert torch.all(weights[..., :4, 4:] == 0) and torch.all(weights[..., 4:, :4] == 0)
+
+
+def test_windows_narrower_than_the_keys_skip_the_packing_check(device, monkeypatch):
+    """A sliding window narrower than the keys runs eager whatever else the mask holds: the
+    O(seq^2) packed-sequence check is not spent on it."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    checked = []
+    monkeypatch.setattr(integration, "_packed_sequences", lambda *args: checked.append(args))
+    window = sliding_window_causal_mask_function(4)
+    mask = integration.attention_mask(1, 8, 8, mask_function=window, local_size=4, device=device)
+    assert checked == [] and mask.shape[-2:] == (8, 8)
+    covering = dict(local_size=9, allow_is_causal_skip=True, device=device)
+    assert integration.attention_mask(1, 8, 8, mask_function=window, **covering) is None
+    assert checked == []  # the window covers the keys: plain causal, known without a check
