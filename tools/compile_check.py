@@ -132,6 +132,11 @@ def specialisations() -> list[tuple]:
     return out
 
 
+# Shared memory one block may use on Hopper (H100/H200: 227 KiB, opt-in): past it the launch
+# raises OutOfResources (the launcher then retries smaller configs, slower).
+MAX_SHARED = {90: 232448}
+
+
 def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -143,10 +148,14 @@ def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
     source = ASTSource(kernel, _signature(kernel, element, constexprs), constexprs)
     start = time.perf_counter()
     try:
-        triton.compile(source, target=GPUTarget("cuda", arch, 32), options=run)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=run)
     except Exception as exc:  # reported with its label; the other compiles go on
         return label, time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
-    return label, time.perf_counter() - start, None
+    seconds = time.perf_counter() - start
+    shared, limit = compiled.metadata.shared, MAX_SHARED.get(arch)
+    if limit is not None and shared > limit:
+        return label, seconds, f"needs {shared} bytes of shared memory, sm_{arch} has {limit}"
+    return label, seconds, None
 
 
 def main(argv=None) -> int:
