@@ -233,3 +233,24 @@ def test_windows_narrower_than_the_keys_skip_the_packing_check(device, monkeypat
     covering = dict(local_size=9, allow_is_causal_skip=True, device=device)
     assert integration.attention_mask(1, 8, 8, mask_function=window, **covering) is None
     assert checked == []  # the window covers the keys: plain causal, known without a check
+
+
+def test_packed_rows_of_a_batch_pack_differently(device, kernel_calls):
+    """Two rows packed differently (5 + 9 + 6 and 12 + 8 tokens): each row gets its own
+    boundaries, and every sequence of either row gives what it gives alone."""
+    model = llama(device, "triton_attention")
+    rows = [[5, 9, 6], [12, 8]]
+    torch.manual_seed(5)
+    vocab = model.config.vocab_size
+    sequences = [[torch.randint(3, vocab, (1, n), device=device) for n in r] for r in rows]
+    ids = torch.cat([torch.cat(row, dim=1) for row in sequences])
+    position_ids = torch.stack(
+        [torch.cat([torch.arange(n, device=device) for n in r]) for r in rows]
+    )
+    with torch.no_grad():
+        logits = model(ids, position_ids=position_ids, use_cache=False).logits
+        alone = torch.stack(
+            [torch.cat([model(s, use_cache=False).logits[0] for s in row]) for row in sequences]
+        )
+    torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
+    assert kernel_calls[0]["cu_seqlens"][:, :4].tolist() == [[0, 5, 14, 20], [0, 12, 20, 20]]
