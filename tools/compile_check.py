@@ -75,7 +75,7 @@ def _signature(kernel, element: str, constexprs: dict) -> dict:
 
 def specialisations() -> list[tuple]:
     """(kernel name, label, element type, constexprs, launch options) of every compile."""
-    _kernels()
+    modules = _kernels()
     configs = importlib.import_module("hfk.configs")
     table = {
         "fwd": configs.fwd_config,
@@ -83,10 +83,9 @@ def specialisations() -> list[tuple]:
         "dkdv": configs.bwd_dkdv_config,
     }
     names = {"fwd": "attn_fwd_kernel", "dq": "attn_bwd_dq_kernel", "dkdv": "attn_bwd_dkdv_kernel"}
-    flags = {
-        "fwd": ("IS_CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT"),
-        "dq": ("IS_CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT", "HAS_DLSE"),
-        "dkdv": ("IS_CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT"),
+    kernels = {
+        short: next(getattr(m, name) for m in modules.values() if hasattr(m, name))
+        for short, name in names.items()
     }
     out = []
     for dtype, element, head_dim in DTYPES:
@@ -100,7 +99,10 @@ def specialisations() -> list[tuple]:
         for short, kernel in names.items():
             cfg = table[short](head_dim, False)
             base = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-            off = {flag: False for flag in flags[short]}
+            # every other constexpr is a feature flag (IS_CAUSAL, HAS_KPM, ...): read from the
+            # signature, so a new flag is compiled without editing this file
+            params = kernels[short].params
+            off = {p.name: False for p in params if p.is_constexpr and p.name not in base}
             choices = [("none", off), ("all", {flag: True for flag in off})]
             choices += [(flag, dict(off, **{flag: True})) for flag in off]
             for label, chosen in choices:
