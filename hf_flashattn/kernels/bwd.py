@@ -667,14 +667,19 @@ def attn_bwd_dq_kernel(
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        key_lo, key_hi = kept_lo, kept_hi
-        if HAS_SEG:
-            key_lo, key_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
         lo, hi_full, hi = _key_bounds(
-            start_m, seqlen_k, causal_offset, key_lo, key_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+            start_m,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            kept_lo,
+            kept_hi,
+            seg_ptr,
+            BLOCK_M,
+            BLOCK_N,
+            IS_CAUSAL,
+            HAS_SEG,
         )
-        if HAS_SEG:
-            hi_full = lo  # a sequence's edge may cut any block: every block takes the mask
 
         dq = _attn_bwd_dq_inner(
             dq,

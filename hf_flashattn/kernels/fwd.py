@@ -64,20 +64,37 @@ def _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM: tl.constexpr, SCAN: tl.constexpr
 
 
 @triton.jit
+def _segment_span(seg_ptr, first, count, seqlen):
+    # Packed sequences: ``seg_ptr`` holds, for each token of one batch row, the start of its
+    # sequence, then (at + seqlen) the end. Tokens [first, first + count) of the row attend
+    # only within [start of the first one's sequence, end of the last one's): a query block
+    # visits those keys, a key block those queries (the same rule read the other way).
+    last = tl.minimum(first + count, seqlen) - 1
+    return tl.load(seg_ptr + first), tl.load(seg_ptr + seqlen + last)
+
+
+@triton.jit
 def _key_bounds(
     start_m,
+    seqlen_q,
     seqlen_k,
     causal_offset,
     kept_lo,
     kept_hi,
+    seg_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
     # The key blocks a query block [start_m, start_m + BLOCK_M) visits, for the forward and the
     # dQ pass: [lo, hi_full) whole blocks every row sees (no causal or length mask), then
     # [hi_full, hi) the causal diagonal band and the ragged end, all within the kept keys
     # [kept_lo, kept_hi). Bottom-right causal alignment: query i sees keys j <= i + causal_offset.
+    # Packed sequences: the kept keys are the block's sequences', and every block is masked (a
+    # sequence's edge may cut any).
+    if HAS_SEG:
+        kept_lo, kept_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
     if IS_CAUSAL:
         # keys visible to every row of the block / to at least one row of it
         hi_full = tl.minimum(start_m + causal_offset + 1, seqlen_k)
@@ -90,17 +107,9 @@ def _key_bounds(
     lo = kept_lo // BLOCK_N * BLOCK_N
     hi = tl.minimum(hi, kept_hi)
     hi_full = tl.maximum(tl.minimum(hi_full, (kept_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N), lo)
+    if HAS_SEG:
+        hi_full = lo
     return lo, hi_full, hi
-
-
-@triton.jit
-def _segment_span(seg_ptr, first, count, seqlen):
-    # Packed sequences: ``seg_ptr`` holds, for each token of one batch row, the start of its
-    # sequence, then (at + seqlen) the end. Tokens [first, first + count) of the row attend
-    # only within [start of the first one's sequence, end of the last one's): a query block
-    # visits those keys, a key block those queries (the same rule read the other way).
-    last = tl.minimum(first + count, seqlen) - 1
-    return tl.load(seg_ptr + first), tl.load(seg_ptr + seqlen + last)
 
 
 @triton.jit
@@ -334,14 +343,19 @@ def attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        key_lo, key_hi = kept_lo, kept_hi
-        if HAS_SEG:
-            key_lo, key_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
         lo, hi_full, hi = _key_bounds(
-            start_m, seqlen_k, causal_offset, key_lo, key_hi, BLOCK_M, BLOCK_N, IS_CAUSAL
+            start_m,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            kept_lo,
+            kept_hi,
+            seg_ptr,
+            BLOCK_M,
+            BLOCK_N,
+            IS_CAUSAL,
+            HAS_SEG,
         )
-        if HAS_SEG:
-            hi_full = lo  # a sequence's edge may cut any block: every block takes the mask
         # stage 1: whole blocks that need no mask
         acc, l_i, m_i = _attn_fwd_inner(
             acc,
