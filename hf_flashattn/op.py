@@ -34,7 +34,7 @@ from .kernels.configs import (
 from .kernels.decode import attn_decode_combine_kernel, attn_decode_split_kernel
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
 from .launch import _Launcher
-from .packing import cached_token_bounds, check_cu_seqlens
+from .packing import segment_bounds
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -76,24 +76,28 @@ _KERNELS = {
 }
 
 
+def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -> dict:
+    """What every attention kernel specialises on."""
+    return dict(
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d(head_dim),
+        IS_CAUSAL=causal,
+        HAS_KPM=has_kpm,
+        UPCAST=_upcast(dtype),
+        # fp32 callers asked for fp32 results: plain tf32 dots err ~1e-3, so fp32 inputs take
+        # IEEE fp32 dots (slower; the 16-bit paths are the fast ones).
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
 def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
         dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, has_dlse = key
         kernel, table, grid_block = _KERNELS[name]
-        constexprs = dict(
-            GROUP=group,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d(head_dim),
-            IS_CAUSAL=causal,
-            HAS_KPM=has_kpm,
-            HAS_SEG=has_seg,
-            HAS_DROPOUT=has_dropout,
-            UPCAST=_upcast(dtype),
-            # fp32 callers asked for fp32 results: plain tf32 dots err ~1e-3, so fp32 inputs
-            # take IEEE fp32 dots (slower; the 16-bit paths are the fast ones).
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        )
+        constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
+        constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout)
         if name == "dq":
             constexprs["HAS_DLSE"] = has_dlse
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
@@ -110,16 +114,8 @@ def _decode_launcher(key: tuple) -> _Launcher:
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
-        constexprs = dict(
-            GROUP=group,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d(head_dim),
-            IS_CAUSAL=causal,
-            HAS_KPM=has_kpm,
-            UPCAST=_upcast(dtype),
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            KV_ALIGNED=kv_aligned,
-        )
+        constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
+        constexprs["KV_ALIGNED"] = kv_aligned
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
             attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
         )
@@ -613,12 +609,11 @@ def flash_attn(
     _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout)
     segments = None
     if cu_seqlens is not None:
-        seq_dim = 1 if layout == "bshd" else 2
-        seqlen_q, seqlen_k = q.shape[seq_dim], k.shape[seq_dim]
-        check_cu_seqlens(cu_seqlens, q.shape[0], seqlen_q, seqlen_k, q.device)
         if key_padding_mask is not None:
             raise ValueError("pass cu_seqlens or key_padding_mask, not both")
-        segments = cached_token_bounds(cu_seqlens, seqlen_q)
+        seq_dim = 1 if layout == "bshd" else 2
+        seqlen_q, seqlen_k = q.shape[seq_dim], k.shape[seq_dim]
+        segments = segment_bounds(cu_seqlens, q.shape[0], seqlen_q, seqlen_k, q.device)
     bshd = layout == "bshd"
     if bshd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
