@@ -22,8 +22,9 @@ Mask forms, by what the attention function receives:
 4-D ``(batch, 1, q, k)``    anything else, bool or additive float, with eager's meaning: checked
                             once per mask tensor for being key padding + causal, else eager runs
                             (the check reads values: under torch.compile, a graph break)
-3-D ``(batch, 1, k + 1)``   int32: packed sequences, each row's cu_seqlens (our mask function's
-                            form for transformers' packed-sequence mask); causal within each
+2-D ``(batch, k + 1)``      int32: packed sequences, each row's cu_seqlens (our mask function's
+                            form for transformers' packed-sequence mask; one longer than the
+                            keys, which no padding mask is); causal within each
 ==========================  ======================================================================
 
 The 2-D form is what transformers' own FlashAttention-2 mask function returns, so models that
@@ -228,7 +229,7 @@ def _packed_sequences(
     device,
 ) -> torch.Tensor | None:
     """Packed sequences (transformers' mask when position_ids restart: causal within each
-    sequence of a row), as the (batch_size, 1, seq + 1) int32 cu_seqlens of each row; None for
+    sequence of a row), as the (batch_size, seq + 1) int32 cu_seqlens of each row; None for
     any other pattern.
 
     Read from the mask function itself, evaluated on index tensors as ``sdpa_mask`` does: a
@@ -265,7 +266,7 @@ def _packed_sequences(
         return None  # a mask function that takes no index tensors: not transformers' packing
     if not bool(agrees):
         return None
-    return cu_seqlens[:, None, :]
+    return cu_seqlens
 
 
 # ---------------------------------------------------------------------------- mask normalisation
@@ -352,8 +353,9 @@ def kernel_mask(
     """Normalise an attention mask (any form in the module docstring) for the kernels.
 
     Arguments:
-        attention_mask: None, (batch_size, kv_len) bool, or 4-D (batch, 1, seqlen_q | 1, seqlen_k)
-            bool (True = attend) or additive float (0 = attend).
+        attention_mask: None, (batch_size, kv_len) bool, (batch_size, kv_len + 1) int32 packed
+            sequences' cu_seqlens, or 4-D (batch, 1, seqlen_q | 1, seqlen_k) bool (True =
+            attend) or additive float (0 = attend).
         causal: the module's causality, used for None and 2-D masks (4-D masks carry their own).
         q_len, k_len: seqlen_q and seqlen_k of the attention call.
 
@@ -362,24 +364,23 @@ def kernel_mask(
     """
     if attention_mask is None:
         return KernelMask(None, causal, k_len)
+    if attention_mask.dim() == 2 and attention_mask.dtype == torch.int32:
+        # our mask function's packed sequences: each row's cu_seqlens, causal within each
+        if q_len != k_len or attention_mask.shape[-1] != k_len + 1:
+            raise ValueError(
+                f"a packed-sequence mask (batch, seq + 1) needs seq_q == seq_k; got mask "
+                f"{tuple(attention_mask.shape)} for seq_q={q_len}, seq_k={k_len}"
+            )
+        return KernelMask(None, True, k_len, attention_mask)
     if attention_mask.dim() == 2:
         if attention_mask.shape[-1] > k_len:
             raise ValueError(
                 f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}"
             )
         return KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
-    if attention_mask.dim() == 3 and attention_mask.dtype == torch.int32:
-        # our mask function's packed sequences: each row's cu_seqlens, causal within each
-        if q_len != k_len or attention_mask.shape[1:] != (1, k_len + 1):
-            raise ValueError(
-                f"a packed-sequence mask (batch, 1, seq + 1) needs seq_q == seq_k; got mask "
-                f"{tuple(attention_mask.shape)} for seq_q={q_len}, seq_k={k_len}"
-            )
-        return _packed_kernel_mask(attention_mask, k_len)
     if attention_mask.dim() != 4:
         raise ValueError(
-            f"attention_mask must be None, 2-D, 4-D or a packed-sequence mask, got shape "
-            f"{tuple(attention_mask.shape)}"
+            f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}"
         )
     # No memo while tracing (a graph has no tensor identity) nor for inference tensors (no version
     # counter to notice in-place edits).
@@ -393,23 +394,6 @@ def kernel_mask(
     ):
         return memo[4]
     return _remember(attention_mask, q_len, k_len, _analyse_4d(attention_mask, q_len, k_len))
-
-
-# The last packed-sequence mask and its KernelMask: every layer then hands flash_attn the same
-# cu_seqlens view, whose token bounds flash_attn converts once (packing.cached_token_bounds).
-# Holds the mask (batch x (seq + 1) int32) until the next one.
-_last_packed: tuple[weakref.ref, KernelMask] | None = None
-
-
-def _packed_kernel_mask(mask: torch.Tensor, k_len: int) -> KernelMask:
-    global _last_packed
-    memo = _last_packed
-    if memo is not None and memo[0]() is mask:
-        return memo[1]
-    result = KernelMask(None, True, k_len, mask[:, 0])
-    if not _tracing():
-        _last_packed = (weakref.ref(mask), result)
-    return result
 
 
 # ---------------------------------------------------------------------------- eager fallback

@@ -10,7 +10,8 @@ Two forms of the same boundaries:
   each token, the start of its sequence and then the end. A query block then finds the keys
   it may see from two loads, and so does a key block its queries (kernels/fwd.py).
 
-Everything here is tensor ops on the device: no host sync, so a compiled model keeps one graph.
+The conversions are tensor ops on the device; only the check of the values given reads them (a
+host sync), once per boundaries tensor and never while compiling.
 """
 
 from __future__ import annotations
@@ -43,9 +44,8 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return cu_seqlens_from_starts(starts_here)
 
 
-def check_cu_seqlens(cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device) -> None:
-    """Every rule ``cu_seqlens`` must meet, with an error naming it. Reads its values (a host
-    sync) only outside torch.compile."""
+def _check_layout(cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device) -> None:
+    """The rules on cu_seqlens' type, shape and device (cheap: no value read)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -64,11 +64,13 @@ def check_cu_seqlens(cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, devic
         raise ValueError(f"cu_seqlens has {cu_seqlens.shape[0]} rows but the batch is {batch}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    if torch.compiler.is_compiling():
-        return
+
+
+def _check_values(cu_seqlens: torch.Tensor, seqlen: int) -> None:
+    """The rules on cu_seqlens' values (reads them: a host sync)."""
     rows = cu_seqlens.reshape(-1, cu_seqlens.shape[-1])
-    if bool((rows[:, 0] != 0).any()) or bool((rows[:, -1] != seqlen_q).any()):
-        raise ValueError(f"cu_seqlens must run from 0 to seq_len ({seqlen_q}) in every row")
+    if bool((rows[:, 0] != 0).any()) or bool((rows[:, -1] != seqlen).any()):
+        raise ValueError(f"cu_seqlens must run from 0 to seq_len ({seqlen}) in every row")
     if bool((rows[:, 1:] < rows[:, :-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")
 
@@ -84,19 +86,26 @@ def token_bounds(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
     return torch.stack((starts, ends), dim=1).to(torch.int32)
 
 
-# transformers hands the same cu_seqlens to every layer: convert it once per forward.
+# transformers hands the same cu_seqlens to every layer: check and convert it once per forward.
 _last_bounds: tuple[weakref.ref, int, int, torch.Tensor] | None = None
 
 
-def cached_token_bounds(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """``token_bounds``, remembered for the last ``cu_seqlens`` seen (by identity and version,
-    not while compiling, nor for inference tensors, which have no version counter)."""
+def segment_bounds(cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
+    """The kernels' token bounds (``token_bounds``) of ``cu_seqlens``, after every rule it must
+    meet (errors name it). Its values are read and converted once per boundaries tensor,
+    remembered by identity and version; while compiling the values go unchecked (no host
+    sync) and nothing is remembered, nor for inference tensors (no version counter)."""
     global _last_bounds
-    if torch.compiler.is_compiling() or cu_seqlens.is_inference():
-        return token_bounds(cu_seqlens, seqlen)
+    _check_layout(cu_seqlens, batch, seqlen_q, seqlen_k, device)
+    if torch.compiler.is_compiling():
+        return token_bounds(cu_seqlens, seqlen_q)
+    remember = not cu_seqlens.is_inference()
     memo = _last_bounds
-    if memo is not None and memo[0]() is cu_seqlens and memo[1:3] == (cu_seqlens._version, seqlen):
-        return memo[3]
-    bounds = token_bounds(cu_seqlens, seqlen)
-    _last_bounds = (weakref.ref(cu_seqlens), cu_seqlens._version, seqlen, bounds)
+    if remember and memo is not None and memo[0]() is cu_seqlens:
+        if memo[1:3] == (cu_seqlens._version, seqlen_q):
+            return memo[3]
+    _check_values(cu_seqlens, seqlen_q)
+    bounds = token_bounds(cu_seqlens, seqlen_q)
+    if remember:
+        _last_bounds = (weakref.ref(cu_seqlens), cu_seqlens._version, seqlen_q, bounds)
     return bounds
