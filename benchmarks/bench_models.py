@@ -106,21 +106,9 @@ def random_ids(batch: int, seq_len: int, vocab: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- training
-def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
-    """tokens/s from the median step (forward, loss on labels=input_ids, backward, AdamW)."""
-    spec = MODELS[name]
-    model = build(name, impl).train()
+def timed_steps(model, inputs: dict, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds and loss of each training step (forward, backward, AdamW), warmup included."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = random_ids(spec.batch, spec.seq_len, model.config.vocab_size)
-    inputs = {"input_ids": ids, "labels": ids}
-    if spec.lengths:
-        mask = (
-            torch.arange(spec.seq_len, device=DEVICE)
-            < torch.tensor(spec.lengths, device=DEVICE)[:, None]
-        )
-        inputs.update(attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
-    params = sum(p.numel() for p in model.parameters())
-    torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(warmup + steps):
         torch.cuda.synchronize()
@@ -132,6 +120,24 @@ def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
+    return times, losses
+
+
+def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
+    """tokens/s from the median step (forward, loss on labels=input_ids, backward, AdamW)."""
+    spec = MODELS[name]
+    model = build(name, impl).train()
+    ids = random_ids(spec.batch, spec.seq_len, model.config.vocab_size)
+    inputs = {"input_ids": ids, "labels": ids}
+    if spec.lengths:
+        mask = (
+            torch.arange(spec.seq_len, device=DEVICE)
+            < torch.tensor(spec.lengths, device=DEVICE)[:, None]
+        )
+        inputs.update(attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
+    params = sum(p.numel() for p in model.parameters())
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = timed_steps(model, inputs, steps, warmup)
     step_s = statistics.median(times[warmup:])
     return {
         "tokens_per_s": spec.batch * spec.seq_len / step_s,

@@ -23,11 +23,10 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_models import DEVICE, OURS, build, release
+from bench_models import DEVICE, OURS, build, release, timed_steps
 from common import GIB, default_out, environment, error_string, raise_recompile_limit, write_json
 
 # Document lengths: log-normal (median ~270 tokens, a long tail), clipped to [32, 2048], the
@@ -63,21 +62,11 @@ def batches(lengths: list[int], vocab: int) -> dict[str, dict]:
 
 def bench(impl: str, inputs: dict, real_tokens: int, steps: int, warmup: int = 2) -> dict:
     model = build("llama", impl).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(warmup + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(**inputs, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
+    # no KV cache: transformers looks for packed sequences only without one
+    times, losses = timed_steps(model, dict(inputs, use_cache=False), steps, warmup)
     step_s = statistics.median(times[warmup:])
-    del model, optimizer
+    del model
     release()
     return {
         "real_tokens_per_s": real_tokens / step_s,
