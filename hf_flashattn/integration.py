@@ -47,7 +47,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+from transformers.masking_utils import (
+    and_masks,
+    bidirectional_mask_function,
+    causal_mask_function,
+    sdpa_mask,
+)
 
 from .op import flash_attn
 from .packing import cu_seqlens_from_starts, token_bounds
@@ -214,6 +219,10 @@ def attention_mask(
     )
 
 
+# transformers' and_masks closures share one code object: that a mask function is one can be
+# seen while compiling (its closure cannot)
+_AND_MASKS_CODE = and_masks(causal_mask_function).__code__
+
 # Query rows of a mask function evaluated at once while checking for packed sequences: bounds
 # that check's memory to batch x _CHECK_ROWS x seq booleans.
 _CHECK_ROWS = 256
@@ -236,9 +245,16 @@ def _packed_sequences(
     sequence starts at each token that may not see the token before it; then every (query,
     key) pair is checked against causal-within-sequence, _CHECK_ROWS query rows at a time
     (O(seq^2) work once per forward, O(seq) memory per row of the batch), so no other pattern is
-    ever taken for it. Not while compiling (the check reads values).
+    ever taken for it.
+
+    While compiling no value can be read, and transformers cannot tell either: every compiled
+    forward without a cache (training) gets causal AND-ed with a packed-sequence mask, packed or
+    not. Then an ``and_masks`` combination is taken as packing (the other mask functions, or
+    and-ed ones too, run eager as before) and the same check becomes a device-side assert.
     """
-    if _tracing() or isinstance(q_offset, torch.Tensor):
+    if isinstance(q_offset, torch.Tensor):
+        return None
+    if _tracing() and getattr(mask_function, "__code__", None) is not _AND_MASKS_CODE:
         return None
     if q_offset != 0 or kv_offset != 0 or q_length != kv_length or q_length < 2:
         return None
@@ -251,7 +267,7 @@ def _packed_sequences(
         )
         starts_here = torch.zeros((batch_size, kv_length), dtype=torch.bool, device=device)
         starts_here[:, 1:] = ~torch.as_tensor(sees_previous, device=device).view(-1, kv_length - 1)
-        if not bool(starts_here.any()):
+        if not _tracing() and not bool(starts_here.any()):
             return None  # one sequence per row: not packing (sdpa_mask builds what it is)
         cu_seqlens = cu_seqlens_from_starts(starts_here)
         start = token_bounds(cu_seqlens, kv_length)[:, 0]
@@ -264,7 +280,13 @@ def _packed_sequences(
             agrees = agrees & (allowed == expected).all()
     except (IndexError, RuntimeError, TypeError, ValueError):
         return None  # a mask function that takes no index tensors: not transformers' packing
-    if not bool(agrees):
+    if _tracing():
+        torch._assert_async(
+            agrees,
+            "hf_flashattn: under torch.compile, a mask combined with and_masks was taken for "
+            "packed sequences and is not; run this model uncompiled, or with a cache",
+        )
+    elif not bool(agrees):
         return None
     return cu_seqlens
 

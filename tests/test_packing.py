@@ -254,3 +254,45 @@ def test_packed_rows_of_a_batch_pack_differently(device, kernel_calls):
         )
     torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
     assert kernel_calls[0]["cu_seqlens"][:, :4].tolist() == [[0, 5, 14, 20], [0, 12, 20, 20]]
+
+
+# ---------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
+def test_compiled_forward_without_cache_runs_the_kernels(device, packed):
+    """Compiled and without a cache (how models train), transformers hands every forward causal
+    AND a packed-sequence mask, packed or not, since it cannot read position_ids either: one
+    graph, every layer on the kernels (no eager fallback), each sequence as alone."""
+    from test_integration import assert_one_graph_calling_the_kernels, compile_fullgraph
+
+    model = llama(device)
+    lengths = [9, 15] if packed else [24]
+    sequences, ids, position_ids = _packed_batch(model.config.vocab_size, lengths, device)
+    with torch.no_grad():
+        alone = torch.cat([model(s, use_cache=False).logits for s in sequences], dim=1)
+    model.set_attn_implementation("triton_attention")
+    compiled, graphs = compile_fullgraph(model)
+    logits = compiled(ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
+    assert_one_graph_calling_the_kernels(graphs, model)
+
+
+def test_compiled_and_mask_that_is_not_packing_fails_loudly():
+    """Compiled, the pattern cannot steer the host: a combined mask function is taken for
+    packing and checked on the device, so a pattern that is not packing stops the run instead
+    of attending wrongly (uncompiled, the same mask is built in full:
+    test_other_mask_patterns_are_not_taken_for_packing). On the CPU only: on a GPU the failed
+    check is a device-side assert, which leaves CUDA unusable for the rest of the process."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    def no_key_3(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx != 3
+
+    mask_function = and_masks(causal_mask_function, no_key_3)
+    torch._dynamo.reset()
+    make_mask = torch.compile(
+        lambda: integration.attention_mask(1, 8, 8, mask_function=mask_function, device="cpu"),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    with pytest.raises(RuntimeError, match="packed sequences"):
+        make_mask()
