@@ -323,6 +323,9 @@ def train(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         torch_compile=args.compile,
+        # every trainable weight gets a gradient each step: DDP need not search for unused ones
+        # (the Trainer's default asks it to, an extra autograd traversal per step)
+        ddp_find_unused_parameters=False,
     )
     timer = make_step_timer(device)
     collate = collator(layout)

@@ -36,8 +36,9 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "packed sequences": "several sequences in one row, each attending only within itself: "
     "recognised from transformers' packed-sequence mask (position_ids restarting, no cache; "
     "the pattern is checked pair by pair, once per forward) or from "
-    "`cu_seq_lens_q`/`cu_seq_lens_k` keywords; `flash_attn(cu_seqlens=...)`; under "
-    "torch.compile packed rows still run eager",
+    "`cu_seq_lens_q`/`cu_seq_lens_k` keywords; `flash_attn(cu_seqlens=...)`; compiled, where "
+    "no value can be read, transformers' and_masks combination is taken for packing and the "
+    "same check runs as a device-side assert",
     "decoding": "few query rows per K/V head (one token, or a short chunk) split the keys over "
     "the GPU (flash-decoding), the query heads of a GQA group sharing each K/V load",
     "static KV caches": "unused cache slots are cut off before the kernel runs",
@@ -47,7 +48,8 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "training": "forward and backward kernels; gradient checkpointing",
     "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd); "
     "causal, bidirectional and sliding-window (window covering the keys) models, padded or not, "
-    "compile with fullgraph=True",
+    "compile with fullgraph=True, also without a cache (training), where transformers adds "
+    "its packed-sequence mask to every forward",
     "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), "
     "for tests",
     "sizes": "any batch x heads and sequence length that fits in memory (one launch-grid axis, "
@@ -73,7 +75,7 @@ FALLBACK_REASONS: dict[str, str] = {
     "attention_sinks": "attention sinks (s_aux)",
     "position_bias": "an additive position bias",
     "mask": "the attention mask is not key padding + causal or packed sequences (an arbitrary "
-    "additive bias, chunked or blockwise attention; packed sequences under torch.compile)",
+    "additive bias, chunked or blockwise attention)",
 }
 
 
