@@ -98,6 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile", action="store_true", help="torch.compile the model (Trainer's torch_compile)"
     )
     p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend with --compile (aot_eager: no code generation, for checks)",
+    )
+    p.add_argument(
         "--lora",
         action="store_true",
         help="train LoRA adapters (peft) on --lora-targets instead of all weights",
@@ -323,6 +328,7 @@ def train(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         torch_compile=args.compile,
+        torch_compile_backend=args.compile_backend if args.compile else None,
         # every trainable weight gets a gradient each step: DDP need not search for unused ones
         # (the Trainer's default asks it to, an extra autograd traversal per step)
         ddp_find_unused_parameters=False,
@@ -349,6 +355,8 @@ def train(
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     # the full state dict also under FSDP, where each process holds only shards
     after = tensor_sums(trainer.accelerator.get_state_dict(trainer.model_wrapped))
+    # a compiled model's names gain its wrapper's attribute
+    after = {n.replace("_orig_mod.", ""): total for n, total in after.items()}
     changed = [n for n, s in after.items() if s != before.get(n)]
     # the first step warms up (Triton compiles on the GPU)
     first = 1 if len(timer.seconds) > 1 else 0

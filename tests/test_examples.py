@@ -243,6 +243,17 @@ def test_finetune_lora(text_file, tmp_path):
         assert params["trainable_tensors"] == 16, params
 
 
+@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py --compile")
+def test_finetune_compiled(text_file, tmp_path):
+    """--compile: the Trainer's compiled model trains on the kernels in every layer (compiled
+    and without a cache, transformers hands each forward a packed-sequence mask), with eager's
+    losses. aot_eager: the graph and its autograd as inductor gets them, without C++ codegen."""
+    flags = "--compile --compile-backend aot_eager --attn eager,triton_attention --max-steps 2"
+    summary = finetune([], flags + " --seq-len 64 --batch-size 2", text_file, tmp_path)
+    assert "torch.compile" in summary["model"]
+    assert_runs_agree(summary, steps=2)
+
+
 LAYOUTS = ("padded", "packed")  # finetune.py --packing's two runs per implementation
 
 
