@@ -259,6 +259,51 @@ def test_torch_compile_fullgraph_under_autocast(device):
     assert_one_graph_calling_the_kernels(graphs, model)
 
 
+def test_compiled_static_cache_decode_steps(device, kernel_calls):
+    """Decoding as generate does it with cache_implementation="static" and a compiled forward
+    (the set-up CUDA graphs need): left-padded prompts prefilled eagerly, then decode steps
+    through a fullgraph compile: every graph calls the kernels in every layer (no break, no
+    fallback) and the logits equal eager attention's."""
+    import inspect
+
+    from transformers import StaticCache
+
+    model = llama(device)
+    ids, mask = left_padded_prompts(device)
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name warns)
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+
+    def decode(forward, steps=3):
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
+        prompt = torch.arange(ids.shape[1], device=device)
+        out = model(ids, attention_mask=mask, cache_position=prompt, **{cache_kw: cache})
+        token, attention, logits = out.logits[:, -1:].argmax(-1), mask, []
+        for step in range(steps):
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            position = torch.tensor([ids.shape[1] + step], device=device)
+            out = forward(
+                input_ids=token,
+                attention_mask=attention,
+                cache_position=position,
+                **{cache_kw: cache},
+            )
+            token = out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    with torch.no_grad():
+        ref = decode(model)
+        model.set_attn_implementation(IMPL)
+        compiled, graphs = compile_fullgraph(model)
+        got = decode(compiled)
+    torch.testing.assert_close(got, ref, **TOL)
+    layers = model.config.num_hidden_layers
+    assert graphs and all(g.code.count("hf_flashattn.fwd") == layers for g in graphs)
+    assert len(kernel_calls) >= 2 * layers  # the prefill, then at least one traced step
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor(device):
     """The default backend (inductor; C++ codegen on the CPU: about 40 s on 2 cores, cold)."""
