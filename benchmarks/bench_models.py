@@ -152,9 +152,10 @@ def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------------- decoding
-def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, cache: str = "dynamic") -> float:
     """Seconds of one greedy generate producing exactly ``new_tokens`` per sequence (min =
-    max, so EOS cannot end it early)."""
+    max, so EOS cannot end it early). ``cache="static"``: transformers' static cache, with which
+    generate compiles the decoding step itself (fullgraph, CUDA graphs: its CompileConfig)."""
     torch.cuda.synchronize()
     t = time.perf_counter()
     out = model.generate(
@@ -165,6 +166,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
         do_sample=False,
         use_cache=True,
         pad_token_id=0,
+        cache_implementation=None if cache == "dynamic" else cache,
     )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
@@ -174,37 +176,51 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 
 def bench_decode(
-    impl: str, configs: list[tuple[int, int]], new_tokens: int, warmup_tokens: int
+    impl: str,
+    configs: list[tuple[int, int]],
+    new_tokens: int,
+    warmup_tokens: int,
+    caches: tuple[str, ...] = ("dynamic",),
 ) -> list[dict]:
     """tokens/s of generate with the KV cache: new tokens over the whole call (prefill
-    included, and timed alone as ``prefill_s``)."""
+    included, and timed alone as ``prefill_s``), per cache implementation."""
     model = build(DECODE_MODEL, impl).eval()
     results = []
-    for batch, prompt in configs:
-        result = {
-            "model": DECODE_MODEL,
-            "impl": impl,
-            "batch": batch,
-            "prompt": prompt,
-            "new_tokens": new_tokens,
-        }
-        try:
-            ids = random_ids(batch, prompt, model.config.vocab_size)
-            timed_generate(model, ids, warmup_tokens)  # compiles (flex), picks plans
-            torch.cuda.reset_peak_memory_stats()
-            seconds = timed_generate(model, ids, new_tokens)
-            result.update(
-                attn_implementation=model.config._attn_implementation,
-                tokens_per_s=batch * new_tokens / seconds,
-                seconds=seconds,
-                peak_gib=torch.cuda.max_memory_allocated() / GIB,
-                prefill_s=timed_generate(model, ids, 1),
+    for cache in caches:
+        for batch, prompt in configs:
+            results.append(
+                _bench_generate(model, impl, cache, batch, prompt, new_tokens, warmup_tokens)
             )
-        except Exception as exc:  # one failing config must not end the run
-            result["error"] = error_string(exc)
-        results.append(result)
-        release()
+            release()
     return results
+
+
+def _bench_generate(model, impl, cache, batch, prompt, new_tokens, warmup_tokens) -> dict:
+    result = {
+        "model": DECODE_MODEL,
+        "impl": impl,
+        "cache": cache,
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+    }
+    try:
+        ids = random_ids(batch, prompt, model.config.vocab_size)
+        # compiles (flex; with the static cache every implementation: its length is prompt +
+        # new tokens, so the warm-up makes as many), picks plans
+        timed_generate(model, ids, new_tokens if cache == "static" else warmup_tokens, cache)
+        torch.cuda.reset_peak_memory_stats()
+        seconds = timed_generate(model, ids, new_tokens, cache)
+        result.update(
+            attn_implementation=model.config._attn_implementation,
+            tokens_per_s=batch * new_tokens / seconds,
+            seconds=seconds,
+            peak_gib=torch.cuda.max_memory_allocated() / GIB,
+            prefill_s=timed_generate(model, ids, 1, "dynamic"),
+        )
+    except Exception as exc:  # one failing config must not end the run
+        result["error"] = error_string(exc)
+    return result
 
 
 # ---------------------------------------------------------------------------- report
@@ -240,13 +256,19 @@ def ratios_vs_sdpa(data: dict) -> dict:
         rows = data.get(part, [])
 
         def label(r, part=part):
-            return r["model"] if part == "train" else f"{r['model']}/b{r['batch']}_p{r['prompt']}"
+            return r["model"] if part == "train" else f"{r['model']}/{decode_case(r)}"
 
         sdpa = {label(r): r.get("tokens_per_s") for r in rows if r["impl"] == "sdpa"}
         for r in rows:
             if r["impl"] == OURS and r.get("tokens_per_s") and sdpa.get(label(r)):
                 out[f"model/{part}/{label(r)}"] = r["tokens_per_s"] / sdpa[label(r)]
     return out
+
+
+def decode_case(r: dict) -> str:
+    """b<batch>_p<prompt>, and _<cache> for any cache but the dynamic one (older files: none)."""
+    cache = r.get("cache", "dynamic")
+    return f"b{r['batch']}_p{r['prompt']}" + ("" if cache == "dynamic" else f"_{cache}")
 
 
 def report(data: dict) -> str:
@@ -261,7 +283,7 @@ def report(data: dict) -> str:
     )
     decode = format_table(
         data["decode"],
-        lambda r: f"{r['model']} b{r['batch']} p{r['prompt']} +{r['new_tokens']}",
+        lambda r: f"{r['model']} {decode_case(r)} +{r['new_tokens']}",
         [
             ("tokens/s", "tokens_per_s", "{:,.1f}"),
             ("s", "seconds", "{:.2f}"),
@@ -297,6 +319,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[(1, 4096), (16, 2048)],
         metavar="BATCHxPROMPT",
         help="decode configs (default: 1x4096 16x2048)",
+    )
+    p.add_argument(
+        "--caches",
+        nargs="+",
+        choices=("dynamic", "static"),
+        default=["dynamic"],
+        help="KV caches for decoding; static: generate compiles the step (CUDA graphs)",
     )
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument(
@@ -372,26 +401,32 @@ def main(argv=None) -> int:
                     {
                         "model": DECODE_MODEL,
                         "impl": impl,
+                        "cache": cache,
                         "batch": b,
                         "prompt": p,
                         "new_tokens": args.new_tokens,
                         "skipped": "time budget",
                     }
+                    for cache in args.caches
                     for b, p in args.decode
                 ]
             else:
                 try:
-                    results = bench_decode(impl, args.decode, args.new_tokens, args.warmup_tokens)
+                    results = bench_decode(
+                        impl, args.decode, args.new_tokens, args.warmup_tokens, args.caches
+                    )
                 except Exception as exc:  # the model itself failed to build
                     results = [
                         {
                             "model": DECODE_MODEL,
                             "impl": impl,
+                            "cache": cache,
                             "batch": b,
                             "prompt": p,
                             "new_tokens": args.new_tokens,
                             "error": error_string(exc),
                         }
+                        for cache in args.caches
                         for b, p in args.decode
                     ]
             release()
@@ -401,7 +436,7 @@ def main(argv=None) -> int:
             print(
                 f"[{time.monotonic() - start:4.0f}s] decode {impl}: "
                 + ", ".join(
-                    f"b{r['batch']} {r.get('tokens_per_s', 0):,.1f} tokens/s" for r in results
+                    f"{decode_case(r)} {r.get('tokens_per_s', 0):,.1f} tokens/s" for r in results
                 ),
                 flush=True,
             )

@@ -134,6 +134,7 @@ def plot_models(datas: list[dict]):
         for r in data.get("decode", []):
             title = (
                 f"{r['model']} decode +{r['new_tokens']}, batch {r['batch']}, prompt {r['prompt']}"
+                f"{', ' + r['cache'] + ' cache' if r.get('cache', 'dynamic') != 'dynamic' else ''}"
             )
             decode[(title, r["impl"])] = r
     panels = [(t, train) for t in dict.fromkeys(k[0] for k in train)]
