@@ -522,7 +522,10 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout) -> None:
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not math.isfinite(scale):
+    # a comparison, not math.isfinite: compiled with dynamic shapes a module's float attribute
+    # (a model's scaling) arrives as a symbolic float, which math.isfinite cannot be traced on
+    # (False for NaN too)
+    if scale is not None and not abs(scale) < math.inf:
         raise ValueError(f"scale must be a finite number, got {scale}")
 
 

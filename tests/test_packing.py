@@ -296,3 +296,20 @@ def test_compiled_and_mask_that_is_not_packing_fails_loudly():
     )
     with pytest.raises(RuntimeError, match="packed sequences"):
         make_mask()
+
+
+def test_compiled_with_dynamic_shapes_packed_rows_of_any_length(device):
+    """Compiled with dynamic shapes (packed batches change length every step): one graph
+    serves rows of different lengths and packings (the model's scaling then arrives as a
+    symbolic float), each sequence as alone."""
+    model = llama(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for lengths in ([9, 15], [4, 20, 16]):
+        sequences, ids, position_ids = _packed_batch(model.config.vocab_size, lengths, device)
+        with torch.no_grad():
+            model.set_attn_implementation("eager")
+            alone = torch.cat([model(s, use_cache=False).logits for s in sequences], dim=1)
+            model.set_attn_implementation("triton_attention")
+            logits = compiled(ids, position_ids=position_ids, use_cache=False).logits
+        torch.testing.assert_close(logits, alone, atol=1e-4, rtol=1e-4)
