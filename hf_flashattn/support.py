@@ -49,7 +49,7 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd); "
     "causal, bidirectional and sliding-window (window covering the keys) models, padded or not, "
     "compile with fullgraph=True, also without a cache (training), where transformers adds "
-    "its packed-sequence mask to every forward",
+    "its packed-sequence mask to every forward, and with dynamic shapes",
     "devices": "CUDA GPUs; the CPU only through Triton's interpreter (TRITON_INTERPRET=1), "
     "for tests",
     "sizes": "any batch x heads and sequence length that fits in memory (one launch-grid axis, "
