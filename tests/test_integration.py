@@ -21,6 +21,7 @@ from tiny_models import (
     assert_within_torch_error,
     bert,
     forward_backward,
+    gpt2,
     left_padded_prompts,
     llama,
     mistral,
@@ -257,6 +258,29 @@ def test_torch_compile_fullgraph_under_autocast(device):
         logits = compiled(ids, attention_mask=mask).logits
     torch.testing.assert_close(logits, ref)  # bf16's default tolerance: same ops, same order
     assert_one_graph_calling_the_kernels(graphs, model)
+
+
+def test_torch_compile_fullgraph_training_with_attention_dropout(device):
+    """A whole model training with attention dropout (GPT-2, attn_pdrop 0.1, train mode)
+    compiles into one graph: the kernels' seed is drawn as a tensor (no .item()), and the
+    compiled step gives eager's loss and gradients for the same torch.manual_seed."""
+    model = gpt2(device, IMPL, attn_pdrop=0.1).train()
+    ids, _, _ = padded_batch(device)
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss = forward(ids).logits.float().square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = step(model)
+    compiled, graphs = compile_fullgraph(model)
+    loss, grads = step(compiled)
+    assert_one_graph_calling_the_kernels(graphs, model)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, **TOL, msg=name)
 
 
 def test_compiled_static_cache_decode_steps(device, kernel_calls):
