@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
-import triton
 
 from .kernels import INTERPRETING
 from .kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
@@ -123,7 +122,9 @@ def _decode_launcher(key: tuple) -> _Launcher:
 
 
 def _combine_launcher(head_dim: int, n_splits: int) -> _Launcher:
-    block_s = max(2, triton.next_power_of_2(n_splits))
+    # the next power of two in plain Python: newer Triton's next_power_of_2 is a constexpr
+    # function whose call costs microseconds, on every decoding step
+    block_s = max(2, 1 << (n_splits - 1).bit_length())
     launcher = _LAUNCHERS.get(("combine", head_dim, block_s))
     if launcher is None:
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_S=block_s)
