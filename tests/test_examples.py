@@ -254,6 +254,25 @@ def test_finetune_compiled(text_file, tmp_path):
     assert_runs_agree(summary, steps=2)
 
 
+@skip_without(*FINETUNE_NEEDS, needed_by="finetune.py and benchmarks/record_finetune.py")
+def test_record_finetune_adds_environment_and_ratios(text_file, tmp_path):
+    """benchmarks/record_finetune.py turns finetune.py summaries into a results file: this
+    machine's environment, ratios_vs_sdpa from the two implementations' tokens/s, the summaries
+    whole, and one PNG of the loss curves."""
+    flags = "--attn sdpa,triton_attention --max-steps 2 --seq-len 64 --batch-size 2"
+    summary = finetune([], flags, text_file, tmp_path)
+    out = tmp_path / "results" / "finetune_test.json"
+    script = str(EXAMPLES.parent / "benchmarks" / "record_finetune.py")
+    run([script, f"tiny={tmp_path / 'run'}", "--out", str(out)], cwd=tmp_path)
+    result = json.loads(out.read_text())
+    tokens = {r["attn_implementation"]: r["tokens_per_s"] for r in summary["runs"]}
+    expected = round(tokens["triton_attention"] / tokens["sdpa"], 3)
+    assert result["ratios_vs_sdpa"] == {"model/tiny/train": expected}
+    assert {"date", "git_commit", "torch", "transformers", "device"} <= result["environment"].keys()
+    assert result["cases"]["tiny"] == summary
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 LAYOUTS = ("padded", "packed")  # finetune.py --packing's two runs per implementation
 
 
