@@ -216,6 +216,8 @@ def _bench_generate(model, impl, cache, batch, prompt, new_tokens, warmup_tokens
             tokens_per_s=batch * new_tokens / seconds,
             seconds=seconds,
             peak_gib=torch.cuda.max_memory_allocated() / GIB,
+            # one new token: the prompt's forward alone, with the dynamic cache for every row
+            # (a static cache one token long would compile again)
             prefill_s=timed_generate(model, ids, 1, "dynamic"),
         )
     except Exception as exc:  # one failing config must not end the run
