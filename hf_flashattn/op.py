@@ -93,10 +93,10 @@ def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -
 def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, has_dlse = key
+        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, has_dlse = key
         kernel, table, grid_block = _KERNELS[name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
-        constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout)
+        constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q)
         if name == "dq":
             constexprs["HAS_DLSE"] = has_dlse
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
@@ -190,6 +190,14 @@ def _on_device(fn):
     return run
 
 
+def _pads_queries(has_kpm: bool, causal: bool, seqlen_q: int, seqlen_k: int) -> bool:
+    """Whether the key padding mask also marks padded queries: causal self-attention (as
+    long as the keys; cross-attention is never causal), where query i is key i's token. Their
+    rows give zeros (lse -inf, zero gradients) and are not computed, as FlashAttention-2's
+    unpadded (varlen) path leaves them."""
+    return has_kpm and causal and seqlen_q == seqlen_k
+
+
 # ---------------------------------------------------------------------------- launch functions
 @_on_device
 def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed):
@@ -214,12 +222,13 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
     has_seg = segments is not None
     group = heads_q // heads_kv
-    if dropout_p == 0.0 and not has_seg and group * seqlen_q <= MAX_DECODE_ROWS:
+    pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
+    if dropout_p == 0.0 and not has_seg and not pad_q and group * seqlen_q <= MAX_DECODE_ROWS:
         _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, False)
+    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, pad_q, False)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
@@ -320,7 +329,8 @@ def _backward(
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
     group = heads_q // heads_kv
-    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, has_dlse)
+    pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
+    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, pad_q, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,
@@ -591,7 +601,10 @@ def flash_attn(
             of 1/65536; kept values scale by exactly 1 / (1 - dropout_p)) from a seed taken
             from the default generator of q's device.
         key_padding_mask: (batch_size, seqlen_k) bool, default None. True = attend. A query
-            row with no key to attend to gives zeros (and zero gradients), never NaN.
+            row with no key to attend to gives zeros (and zero gradients), never NaN. With
+            causal=True and seqlen_q == seqlen_k (causal self-attention: query i is key i's
+            token) it marks the padded queries too: their rows give zeros, lse -inf and zero
+            gradients, and cost nothing (FlashAttention-2's unpadded path leaves them so).
         cu_seqlens: int32/int64, default None. Packed sequences: several sequences laid end
             to end along the sequence dimension (seq_q == seq_k), each attending only within
             itself (and causally with ``causal=True``), as if run alone: the cumulative

@@ -32,7 +32,8 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "causal attention": "bottom-right aligned, so decoding with a KV cache (fewer queries than "
     "keys) is exact",
     "padding": "left and right padding, as a boolean key-padding mask; key blocks past a row's "
-    "last kept key (or before its first) are skipped",
+    "last kept key (or before its first) are skipped; in causal self-attention padded queries "
+    "give zeros and are skipped too (as FlashAttention-2's unpadded path; eager attends there)",
     "packed sequences": "several sequences in one row, each attending only within itself: "
     "recognised from transformers' packed-sequence mask (position_ids restarting, no cache; "
     "the pattern is checked pair by pair, once per forward) or from "

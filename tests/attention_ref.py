@@ -1,9 +1,10 @@
 """Reference attention for the tests, and the tolerance rule.
 
 ``attention_ref`` is plain PyTorch (matmul, softmax, matmul) with the same semantics as
-``flash_attn``: GQA by head index, bottom-right causal alignment, key padding, rows that see no
-key give zeros. Run on upcast inputs it is the reference; run in the inputs' own dtype it is
-"PyTorch's own low-precision attention", whose error sets our tolerance.
+``flash_attn``: GQA by head index, bottom-right causal alignment, key padding (in causal
+self-attention the padded queries too), rows that see no key give zeros. Run on upcast inputs
+it is the reference; run in the inputs' own dtype it is "PyTorch's own low-precision
+attention", whose error sets our tolerance.
 """
 
 import torch
@@ -42,6 +43,9 @@ def attention_ref(
     visible = visible.expand(q.shape[0], 1, seqlen_q, seqlen_k)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
+        if causal and seqlen_q == seqlen_k:
+            # causal self-attention: the mask marks the padded queries too, whose rows give zeros
+            visible = visible & key_padding_mask[:, None, :, None]
     if cu_seqlens is not None:
         sequence = _sequence_ids(cu_seqlens, q.shape[0], seqlen_q).to(q.device)
         visible = visible & (sequence[:, None, :, None] == sequence[:, None, None, :])

@@ -122,6 +122,45 @@ def test_padding_outside_the_kept_keys_skips_whole_blocks_exactly(device, causal
     _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
 
 
+@pytest.mark.parametrize("configs", ["here", "gpu D64", "gpu D128"])
+def test_causal_self_attention_padded_queries_give_zeros(device, configs):
+    """Causal self-attention (seq_q == seq_k) with key padding: the mask marks the queries too.
+    Padded rows give exact zeros, lse -inf and zero dq, and pass nothing to dK/dV; the rest is
+    the reference's. Right padding over several query blocks, left padding, a hole, one kept
+    token, none; also with the GPU tables' block shapes (a padded edge inside a block)."""
+    from hf_flashattn.kernels.configs import gpu_configs
+    from hf_flashattn.op import forced_configs
+
+    seqlen = 300
+    tokens = torch.arange(seqlen)
+    mask = torch.stack(
+        [
+            tokens < 130,  # right padding
+            tokens >= 70,  # left padding
+            (tokens < 100) | (tokens >= 141),  # a hole
+            tokens == 5,
+            torch.zeros(seqlen, dtype=torch.bool),
+        ]
+    ).to(device)
+    forced = {}
+    if configs != "here":
+        table = gpu_configs()[int(configs.removeprefix("gpu D"))]
+        forced = {name: cfg for name, cfg in table.items() if name != "decode"}
+    with forced_configs(**forced):
+        q, k, v = _inputs(device, torch.float16, 5, 4, 2, seqlen, seqlen, 64)
+        _check(device, torch.float16, q, k, v, causal=True, key_padding_mask=mask)
+        out, lse = flash_attn(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
+        (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+    padded = ~mask[:, None, :].expand(-1, q.shape[1], -1)
+    assert torch.equal(out[padded], torch.zeros_like(out[padded]))
+    assert torch.equal(dq[padded], torch.zeros_like(dq[padded]))
+    assert bool(torch.isneginf(lse[padded]).all())
+    # not self-attention (seq_q != seq_k): the same padding is only the keys'
+    q2, k2, v2 = _inputs(device, torch.float16, 5, 4, 2, seqlen - 1, seqlen, 64)
+    out2 = flash_attn(q2, k2, v2, causal=True, key_padding_mask=mask)
+    assert out2[0, :, 200:].abs().amax() > 0  # rows past the right padding still attend
+
+
 def test_scale(device):
     q, k, v = _inputs(device, torch.float16, 1, 2, 2, 40, 40, 64)
     _check(device, torch.float16, q, k, v, causal=False, scale=0.3)

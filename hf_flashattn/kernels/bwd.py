@@ -218,6 +218,7 @@ def attn_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAD_Q: tl.constexpr,
 ):
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
@@ -282,6 +283,15 @@ def attn_bwd_dkdv_kernel(
             q_start, q_end = _segment_span(seg_ptr, start_n, BLOCK_N, seqlen_k)
             lo = tl.maximum(lo, q_start // BLOCK_M * BLOCK_M)
             ragged_k = start_n >= 0
+        if PAD_Q:
+            # causal self-attention with key padding: padded query rows give zeros (lse = -inf,
+            # so P = 0 there); only the blocks holding kept rows are visited
+            kept_rows_lo = kept_lo // BLOCK_M * BLOCK_M
+            kept_rows_hi = tl.minimum((kept_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
+            lo = tl.maximum(lo, kept_rows_lo)
+            lo_full = tl.maximum(lo_full, lo)
+            hi_full = tl.minimum(hi_full, kept_rows_hi // BLOCK_M * BLOCK_M)
+            q_end = tl.minimum(q_end, kept_rows_hi)
         # a key block outside the kept keys gets dK = dV = 0 without visiting any query
         n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
 
@@ -422,7 +432,7 @@ def attn_bwd_dkdv_kernel(
                     kpm_ptr,
                     seg_ptr,
                     tl.maximum(hi_full, lo_full),
-                    seqlen_q,
+                    q_end,
                     start_n,
                     tl.arange(0, BLOCK_N),
                     offs_d,
@@ -610,6 +620,7 @@ def attn_bwd_dq_kernel(
     HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAD_Q: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -679,6 +690,7 @@ def attn_bwd_dq_kernel(
             BLOCK_N,
             IS_CAUSAL,
             HAS_SEG,
+            PAD_Q,
         )
 
         dq = _attn_bwd_dq_inner(

@@ -86,13 +86,15 @@ def _key_bounds(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    PAD_Q: tl.constexpr,
 ):
     # The key blocks a query block [start_m, start_m + BLOCK_M) visits, for the forward and the
     # dQ pass: [lo, hi_full) whole blocks every row sees (no causal or length mask), then
     # [hi_full, hi) the causal diagonal band and the ragged end, all within the kept keys
     # [kept_lo, kept_hi). Bottom-right causal alignment: query i sees keys j <= i + causal_offset.
     # Packed sequences: the kept keys are the block's sequences', and every block is masked (a
-    # sequence's edge may cut any).
+    # sequence's edge may cut any). PAD_Q (causal self-attention with key padding): the rows
+    # are the keys' tokens, padded rows give zeros, so a block of padded rows visits nothing.
     if HAS_SEG:
         kept_lo, kept_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
     if IS_CAUSAL:
@@ -109,6 +111,10 @@ def _key_bounds(
     hi_full = tl.maximum(tl.minimum(hi_full, (kept_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N), lo)
     if HAS_SEG:
         hi_full = lo
+    if PAD_Q:
+        padded = (start_m >= kept_hi) | (start_m + BLOCK_M <= kept_lo)
+        hi = tl.where(padded, lo, hi)
+        hi_full = tl.where(padded, lo, hi_full)
     return lo, hi_full, hi
 
 
@@ -291,6 +297,7 @@ def attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAD_Q: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -355,6 +362,7 @@ def attn_fwd_kernel(
             BLOCK_N,
             IS_CAUSAL,
             HAS_SEG,
+            PAD_Q,
         )
         # stage 1: whole blocks that need no mask
         acc, l_i, m_i = _attn_fwd_inner(
@@ -431,6 +439,10 @@ def attn_fwd_kernel(
 
         # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
         empty = l_i == 0.0
+        if PAD_Q:  # padded rows too (the backward then gives them P = 0)
+            row_kept = tl.load(kpm_ptr + offs_m, mask=row_mask, other=0) != 0
+            empty = empty | (row_kept == 0)
+            acc = tl.where(row_kept[:, None], acc, 0.0)
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         if HAS_DROPOUT:
             acc = acc * (1.0 / (1.0 - dropout_p))
