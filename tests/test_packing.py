@@ -71,14 +71,21 @@ def test_packed_rows_with_dropout_use_the_kernels_own_mask(device):
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    # sequence edges inside blocks; sequences starting on block edges, whose inner blocks need
+    # no mask; one sequence (a plain causal row, as compiled models without a cache pass it)
+    [[3, 200, 61], [128, 300, 40], [468]],
+    ids=["unaligned", "aligned", "one"],
+)
 @pytest.mark.parametrize("max_dim", [64, 128, 256])
-def test_packed_rows_with_the_gpu_block_configs(device, max_dim):
+def test_packed_rows_with_the_gpu_block_configs(device, max_dim, lengths):
     """The GPU tables' block shapes (BLOCK_M / BLOCK_N up to 128), forced through whichever
-    backend is here: a sequence edge inside a block, blocks spanning several sequences."""
+    backend is here: a sequence edge inside a block, blocks spanning several sequences, blocks
+    inside one sequence."""
     from hf_flashattn.kernels.configs import gpu_configs
 
     configs = {name: cfg for name, cfg in gpu_configs()[max_dim].items() if name != "decode"}
-    lengths = [3, 200, 61]
     with op.forced_configs(**configs):
         q, k, v = _inputs(device, torch.float16, 1, 2, 1, sum(lengths), sum(lengths), 64)
         _check(device, torch.float16, q, k, v, causal=True, cu_seqlens=_cu(lengths, device))

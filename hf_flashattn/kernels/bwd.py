@@ -16,6 +16,7 @@ from .fwd import (
     _dropout_keep,
     _kept_key_range,
     _key_bounds,
+    _within_one_sequence,
     _program_blocks,
     _segment_mask,
     _segment_span,
@@ -279,10 +280,15 @@ def attn_bwd_dkdv_kernel(
         q_end = seqlen_q
         if HAS_SEG:
             # packed sequences: only the queries of this key block's sequences, every block
-            # masked (a sequence's edge may cut any block)
+            # masked (a sequence's edge may cut any block) unless the key block lies in one
+            # causal sequence: then the rows below its diagonal band, up to the sequence's last
+            # whole query block, see all of it
             q_start, q_end = _segment_span(seg_ptr, start_n, BLOCK_N, seqlen_k)
             lo = tl.maximum(lo, q_start // BLOCK_M * BLOCK_M)
-            ragged_k = start_n >= 0
+            lo_full = tl.maximum(lo_full, lo)
+            hi_full = tl.minimum(hi_full, q_end // BLOCK_M * BLOCK_M)
+            whole = _within_one_sequence(seg_ptr, start_n, BLOCK_N, seqlen_k, 1) & IS_CAUSAL
+            ragged_k = ragged_k | (whole == 0)
         if PAD_Q:
             # causal self-attention with key padding: padded query rows give zeros (lse = -inf,
             # so P = 0 there); only the blocks holding kept rows are visited

@@ -74,6 +74,18 @@ def _segment_span(seg_ptr, first, count, seqlen):
 
 
 @triton.jit
+def _within_one_sequence(seg_ptr, first, count, seqlen, ALIGN: tl.constexpr):
+    # Packed sequences: whether tokens [first, first + count) of the row all belong to the
+    # sequence of ``first``, and that sequence starts on a multiple of ALIGN (the other side's
+    # block), so the blocks of the other side from its start to the diagonal hold only its own
+    # tokens and need no sequence mask. One packed sequence per row (plain causal batches, as
+    # compiled models without a cache get them) is thus masked only on the diagonal.
+    start = tl.load(seg_ptr + first)
+    end = tl.load(seg_ptr + seqlen + first)
+    return (end >= tl.minimum(first + count, seqlen)) & (start % ALIGN == 0)
+
+
+@triton.jit
 def _key_bounds(
     start_m,
     seqlen_q,
@@ -93,8 +105,10 @@ def _key_bounds(
     # [hi_full, hi) the causal diagonal band and the ragged end, all within the kept keys
     # [kept_lo, kept_hi). Bottom-right causal alignment: query i sees keys j <= i + causal_offset.
     # Packed sequences: the kept keys are the block's sequences', and every block is masked (a
-    # sequence's edge may cut any). PAD_Q (causal self-attention with key padding): the rows
-    # are the keys' tokens, padded rows give zeros, so a block of padded rows visits nothing.
+    # sequence's edge may cut any) unless the block's rows are all of one causal sequence that
+    # starts on a key block (then only its diagonal band is). PAD_Q (causal self-attention with
+    # key padding): the rows are the keys' tokens, padded rows give zeros, so a block of padded
+    # rows visits nothing.
     if HAS_SEG:
         kept_lo, kept_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
     if IS_CAUSAL:
@@ -110,7 +124,8 @@ def _key_bounds(
     hi = tl.minimum(hi, kept_hi)
     hi_full = tl.maximum(tl.minimum(hi_full, (kept_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N), lo)
     if HAS_SEG:
-        hi_full = lo
+        whole = _within_one_sequence(seg_ptr, start_m, BLOCK_M, seqlen_q, BLOCK_N) & IS_CAUSAL
+        hi_full = tl.where(whole, hi_full, lo)
     if PAD_Q:
         padded = (start_m >= kept_hi) | (start_m + BLOCK_M <= kept_lo)
         hi = tl.where(padded, lo, hi)
