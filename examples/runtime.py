@@ -124,29 +124,31 @@ def is_interpreting() -> bool:
 
 
 class KernelCalls:
-    """Counts, while active, the calls of hf_flashattn.flash_attn that the transformers hook
-    (``hf_flashattn.integration``) makes: one per attention layer that ran the kernels.
+    """Counts, while active, the forward kernel launches of hf_flashattn: one per attention
+    layer that ran the kernels.
 
-    The hook's reference to flash_attn is wrapped, not the op: eager calls run the kernels
-    through an autograd Function and only compiled graphs through the custom op, so neither a
-    dispatch mode on ``hf_flashattn::fwd`` nor anything below the hook sees every call.
+    It wraps ``hf_flashattn.op._forward``, the launch that eager calls (through the autograd
+    Function or without grad) and compiled graphs (through the custom op ``hf_flashattn::fwd``)
+    all reach at run time. A counter above that, in code torch.compile traces (the transformers
+    hook), would be a Python side effect the compiler guards on: every step's new count failed
+    the guard and recompiled the model, until the recompile limit left it running uncompiled.
     """
 
     def __enter__(self) -> KernelCalls:
-        from hf_flashattn import integration
+        from hf_flashattn import op
 
         self.count = 0
-        self._integration, self._flash_attn = integration, integration.flash_attn
+        self._op, self._forward = op, op._forward
 
         def counting(*args, **kwargs):
             self.count += 1
-            return self._flash_attn(*args, **kwargs)
+            return self._forward(*args, **kwargs)
 
-        integration.flash_attn = counting
+        op._forward = counting
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._integration.flash_attn = self._flash_attn
+        self._op._forward = self._forward
 
 
 def attention_path(model, attn_implementation: str, forward) -> str:

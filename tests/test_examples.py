@@ -307,3 +307,24 @@ def test_finetune_bf16_mixed_precision_runs_the_kernels(text_file, tmp_path):
     run([str(EXAMPLES / "finetune.py"), *flags], cwd=tmp_path)
     (result,) = json.loads((out_dir / "summary.json").read_text())["runs"]
     assert result["path"] in KERNEL_PATHS and math.isfinite(result["final_loss"])
+
+
+def test_kernel_calls_count_compiled_forwards_without_recompiling(device):
+    """finetune.py counts the kernel launches while the Trainer trains (runtime.KernelCalls).
+    Under torch.compile the count must stay out of what the compiler guards on: a counter in
+    traced code recompiled the model every step until the recompile limit left it running
+    uncompiled (seen on the GPU: the "compiled" run was slower than compiled sdpa)."""
+    from tiny_models import llama
+
+    import hf_flashattn  # noqa: F401  (registers triton_attention)
+
+    spec = importlib.util.spec_from_file_location("examples_runtime", EXAMPLES / "runtime.py")
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    model = llama(device, "triton_attention")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), device=device)
+    with torch._dynamo.config.patch(error_on_recompile=True), runtime.KernelCalls() as calls:
+        for _ in range(3):
+            compiled(ids, use_cache=False)
+    assert calls.count == 3 * model.config.num_hidden_layers
