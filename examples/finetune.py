@@ -358,21 +358,19 @@ def train(
     # a compiled model's names gain its wrapper's attribute
     after = {n.replace("_orig_mod.", ""): total for n, total in after.items()}
     changed = [n for n, s in after.items() if s != before.get(n)]
-    # the first step warms up (Triton compiles on the GPU)
-    first = 1 if len(timer.seconds) > 1 else 0
-    timed = timer.seconds[first:]
+    timed = runtime.timed_steps(timer.seconds)
     if layout is None:  # train_batch_size: per process (x GPUs where the Trainer runs DataParallel)
         tokens = training_args.train_batch_size * args.seq_len * training_args.world_size
         tokens *= len(timed)
     else:  # this process's real tokens, batch by batch (the collator may run one batch ahead)
-        tokens = sum(collate.real_tokens[first : len(timer.seconds)]) * training_args.world_size
+        tokens = sum(collate.real_tokens[i] for i in timed) * training_args.world_size
     return {
         "attn_implementation": name,
         "layout": layout or "blocks",
         "batch_shapes": getattr(collate, "shapes", [])[: len(timer.seconds)],
         "path": path,
         "final_loss": losses[-1][1],
-        "tokens_per_s": tokens / sum(timed),
+        "tokens_per_s": tokens / sum(timer.seconds[i] for i in timed),
         "step_seconds": [round(t, 5) for t in timer.seconds],
         "peak_mib": memory.read_mib(),
         "initial_weight_sums": initial_weight_sums,
@@ -443,8 +441,8 @@ def report(args, setup: dict, runs: list[dict], memory: runtime.PeakMemory) -> d
     )
     print(f"ran as {distributed}")
     print(
-        "tokens/s: training tokens (--packing: real tokens only) per second after the first "
-        "step, all processes together; "
+        "tokens/s: training tokens (--packing: real tokens only) per second over the timed "
+        "steps (not the first, nor any over 5x the median: compiling), all processes together; "
         f"peak MiB (main process): {memory.measures}"
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)

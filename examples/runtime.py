@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import resource
+import statistics
 import sys
 import sysconfig
 from pathlib import Path
@@ -149,6 +150,16 @@ class KernelCalls:
 
     def __exit__(self, *exc_info) -> None:
         self._op._forward = self._forward
+
+
+def timed_steps(seconds: list[float]) -> list[int]:
+    """The training steps to time, by index: not the first (Triton compiles the kernels there,
+    torch.compile the model), nor any later one over 5x the median of the others (the compiler
+    compiling again: compiled sdpa's second step took 90 s on the GPU, its others 0.05)."""
+    if len(seconds) < 2:
+        return list(range(len(seconds)))
+    typical = statistics.median(seconds[1:])
+    return [i for i in range(1, len(seconds)) if seconds[i] <= 5 * typical]
 
 
 def attention_path(model, attn_implementation: str, forward) -> str:
