@@ -251,19 +251,23 @@ def format_table(rows: list[dict], label, columns: list[tuple[str, str, str]]) -
 
 
 def ratios_vs_sdpa(data: dict) -> dict:
-    """{"model/train/<model>": ours tokens/s / sdpa's (= sdpa_time / our_time), and
-    "model/decode/<model>/b<batch>_p<prompt>"} (> 1: we are faster)."""
+    """{"model/<model>/train": ours tokens/s / sdpa's (= sdpa_time / our_time), and
+    "decode/<model>_b<batch>_p<prompt>[_static]/generate"} (> 1: we are faster): the results
+    files' "<level>/<case>/<mode>"."""
     out = {}
     for part in ("train", "decode"):
         rows = data.get(part, [])
 
         def label(r, part=part):
-            return r["model"] if part == "train" else f"{r['model']}/{decode_case(r)}"
+            return r["model"] if part == "train" else f"{r['model']}_{decode_case(r)}"
 
         sdpa = {label(r): r.get("tokens_per_s") for r in rows if r["impl"] == "sdpa"}
         for r in rows:
             if r["impl"] == OURS and r.get("tokens_per_s") and sdpa.get(label(r)):
-                out[f"model/{part}/{label(r)}"] = r["tokens_per_s"] / sdpa[label(r)]
+                key = (
+                    f"model/{label(r)}/train" if part == "train" else f"decode/{label(r)}/generate"
+                )
+                out[key] = r["tokens_per_s"] / sdpa[label(r)]
     return out
 
 

@@ -9,7 +9,7 @@ Per implementation: the median step time (a callback synchronises at every step'
 end; the first ``--warmup`` steps are left out), tokens/s, the losses Trainer logged, whether
 any call fell back to eager (warnings recorded while training), and how many attention calls
 one forward makes through our kernels (counted after training, untimed). The JSON carries
-"environment" and "ratios_vs_sdpa": {"model/trainer_bf16/<model>/train": sdpa_ms / our_ms}.
+"environment" and "ratios_vs_sdpa": {"model/trainer_bf16_<model>/train": sdpa_ms / our_ms}.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
         )
     sdpa, ours = data["results"]["sdpa"], data["results"][OURS]
     data["ratios_vs_sdpa"] = {
-        f"model/trainer_bf16/{args.model}/train": sdpa["step_ms"] / ours["step_ms"]
+        f"model/trainer_bf16_{args.model}/train": sdpa["step_ms"] / ours["step_ms"]
     }
     print(data["ratios_vs_sdpa"])
     if args.out:
