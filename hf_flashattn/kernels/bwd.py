@@ -16,11 +16,11 @@ from .fwd import (
     _dropout_keep,
     _kept_key_range,
     _key_bounds,
-    _within_one_sequence,
     _program_blocks,
     _segment_mask,
     _segment_span,
     _turn_block,
+    _within_one_sequence,
 )
 
 
