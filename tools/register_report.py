@@ -1,0 +1,159 @@
+"""Registers and spills of each kernel as ptxas builds it for a GPU, on any machine.
+
+A kernel that spills keeps part of its tiles in local memory (an L1/L2 round trip inside the
+key loop); ptxas says how much at compile time, so this needs no GPU. Each kernel is compiled
+with the GPU tables' config (or ``--config``) and the specialisation a launch gets there
+(contiguous last dimensions, strides and pointers divisible by 16: ``as_launched``; without it
+the counts are several times too high), and its resource use read from ``ptxas -v``, as Triton
+runs it.
+
+    make register-report                                            # the GPU's Triton
+    .venv-gpu-triton/bin/python tools/register_report.py --only dq  # labels containing "dq"
+    .venv-gpu-triton/bin/python tools/register_report.py --only "dkdv bf16 D64" --config 32,128,8,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import compile_check
+
+# per feature set: what training and decoding run (the flags not named are off)
+FEATURES = {
+    "plain": {},
+    "causal": {"IS_CAUSAL": True},
+    "causal+dropout": {"IS_CAUSAL": True, "HAS_DROPOUT": True},
+    "causal+padding": {"IS_CAUSAL": True, "HAS_KPM": True, "PAD_Q": True},
+}
+# (element type, head_dim): GPT-2's and LLaMA's
+SHAPES = (("bf16", 64), ("bf16", 128))
+_INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _config_label(cfg) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}, {cfg.num_warps} warps, {cfg.num_stages} stages"
+
+
+def jobs(only: str) -> list[tuple]:
+    """(kernel name, label, element type, constexprs, launch options) per kernel x head_dim x
+    feature set, the config from the GPU tables."""
+    modules = compile_check._kernels()
+    configs = importlib.import_module("hfk.configs")
+    tables = {
+        "fwd": ("attn_fwd_kernel", configs.fwd_config),
+        "dq": ("attn_bwd_dq_kernel", configs.bwd_dq_config),
+        "dkdv": ("attn_bwd_dkdv_kernel", configs.bwd_dkdv_config),
+    }
+    out = []
+    for (short, (name, table)), (element, head_dim), (feature, chosen) in itertools.product(
+        tables.items(), SHAPES, FEATURES.items()
+    ):
+        kernel = next(getattr(m, name) for m in modules.values() if hasattr(m, name))
+        cfg = table(head_dim, False)
+        constexprs = dict(
+            GROUP=4,
+            HEAD_DIM=head_dim,
+            BLOCK_D=configs.block_d(head_dim),
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            UPCAST=False,
+            DOT_PRECISION="tf32",
+        )
+        flags = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
+        constexprs.update({flag: chosen.get(flag, False) for flag in flags})
+        label = f"{short} {element} D{head_dim} {feature} ({_config_label(cfg)})"
+        if only in label:
+            run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out.append((name, label, element, constexprs, run))
+    return out
+
+
+def as_launched(kernel, element: str, constexprs: dict) -> tuple[dict, dict, dict]:
+    """The specialisation a launch on the GPU gives (Triton specialises every int and pointer
+    argument): contiguous tensors' last-dimension strides (``stride_*d``) are the constant 1,
+    the other strides of (batch, heads, seq, 64 or 128) tensors and every data pointer divisible
+    by 16; lengths and head counts unspecialised (they vary)."""
+    signature = compile_check._signature(kernel, element, constexprs)
+    constexprs, attrs = dict(constexprs), {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if name.startswith("stride_") and name.endswith("d") and not name.endswith("_b"):
+            signature[name], constexprs[name] = "constexpr", 1
+        elif signature[name].startswith("*") or (
+            name.startswith("stride_") and name not in ("stride_kpm_b", "stride_seg_b")
+        ):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def report_one(job: tuple, arch: int) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, label, element, constexprs, run = job
+    modules = compile_check._kernels()
+    kernel = next(getattr(m, name) for m in modules.values() if hasattr(m, name))
+    signature, constexprs, attrs = as_launched(kernel, element, constexprs)
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=run,
+    )
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        result = subprocess.run(
+            [ptxas, "-v", f"-arch={target}", ptx, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+        )
+    regs, spills = _REGS.search(result.stderr), _INFO.search(result.stderr)
+    if not (regs and spills):
+        return f"{label}: ptxas said {result.stderr[-500:]}"
+    return (
+        f"{label}: {regs[1]} registers, spills {spills[2]} B stored / {spills[3]} B loaded, "
+        f"shared {compiled.metadata.shared} B"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only", default="")
+    parser.add_argument(
+        "--config",
+        default="",
+        help="BLOCK_M,BLOCK_N,WARPS,STAGES: compile every selected kernel with this config instead",
+    )
+    args = parser.parse_args(argv)
+    todo = jobs(args.only)
+    if args.config:
+        block_m, block_n, warps, stages = (int(x) for x in args.config.split(","))
+        todo = [
+            (name, label.split(" (")[0] + f" (forced {args.config})", element,
+             dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
+             dict(num_warps=warps, num_stages=stages))
+            for name, label, element, constexprs, run in todo
+        ]  # fmt: skip
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for line in pool.map(report_one, todo, [args.arch] * len(todo)):
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
