@@ -53,6 +53,14 @@ LAYERS = {
     "gpt2_dropout": Layer(batch=8, heads_q=12, heads_kv=12, seq_len=1024, head_dim=64, dropout=0.1),
     "llama3_8b": Layer(batch=1, heads_q=32, heads_kv=8, seq_len=8192, head_dim=128),
 }
+
+
+def parse_layer(spec: str) -> tuple[str, Layer]:
+    """A layer given on the command line as batch,heads_q,heads_kv,seq,dim: (its name, it)."""
+    batch, heads_q, heads_kv, seq, dim = (int(x) for x in spec.split(","))
+    return f"extra_{spec}", Layer(batch, heads_q, heads_kv, seq, dim)
+
+
 # --sweep: 16 query heads, 16k tokens per call
 SWEEP_HEAD_DIMS = (64, 80, 96, 128, 256)
 SWEEP_GROUPS = (1, 4, 8)

@@ -46,9 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--extra", nargs="*", default=[], help="batch,heads_q,heads_kv,seq,dim")
     args = p.parse_args(argv)
     layers = {name: b.LAYERS[name] for name in args.layers}
-    for spec in args.extra:
-        batch, heads_q, heads_kv, seq, dim = (int(x) for x in spec.split(","))
-        layers[f"extra_{spec}"] = b.Layer(batch, heads_q, heads_kv, seq, dim)
+    layers.update(b.parse_layer(spec) for spec in args.extra)
     impls = b.implementations()
     for name, layer in layers.items():
         module = b.AttentionModule(layer)

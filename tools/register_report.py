@@ -33,8 +33,8 @@ FEATURES = {
     "causal+dropout": {"IS_CAUSAL": True, "HAS_DROPOUT": True},
     "causal+padding": {"IS_CAUSAL": True, "HAS_KPM": True, "PAD_Q": True},
 }
-# (element type, head_dim): GPT-2's and LLaMA's
-SHAPES = (("bf16", 64), ("bf16", 128))
+# (element type, head_dim): GPT-2's, LLaMA's and Gemma's
+SHAPES = (("bf16", 64), ("bf16", 128), ("bf16", 256))
 _INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
