@@ -309,6 +309,14 @@ def test_finetune_bf16_mixed_precision_runs_the_kernels(text_file, tmp_path):
     assert result["path"] in KERNEL_PATHS and math.isfinite(result["final_loss"])
 
 
+def examples_runtime():
+    """examples/runtime.py as a module (the examples import it by its bare name)."""
+    spec = importlib.util.spec_from_file_location("examples_runtime", EXAMPLES / "runtime.py")
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    return runtime
+
+
 def test_kernel_calls_count_compiled_forwards_without_recompiling(device):
     """finetune.py counts the kernel launches while the Trainer trains (runtime.KernelCalls).
     Under torch.compile the count must stay out of what the compiler guards on: a counter in
@@ -318,9 +326,7 @@ def test_kernel_calls_count_compiled_forwards_without_recompiling(device):
 
     import hf_flashattn  # noqa: F401  (registers triton_attention)
 
-    spec = importlib.util.spec_from_file_location("examples_runtime", EXAMPLES / "runtime.py")
-    runtime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runtime)
+    runtime = examples_runtime()
     model = llama(device, "triton_attention")
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     ids = torch.randint(3, model.config.vocab_size, (2, 8), device=device)
@@ -328,3 +334,12 @@ def test_kernel_calls_count_compiled_forwards_without_recompiling(device):
         for _ in range(3):
             compiled(ids, use_cache=False)
     assert calls.count == 3 * model.config.num_hidden_layers
+
+
+def test_timed_steps_leave_out_compiling_steps():
+    """finetune.py's tokens/s: every step but the first, and but any the compiler spent
+    recompiling (compiled sdpa's second step took 90 s on the GPU, its others 0.05 s)."""
+    runtime = examples_runtime()
+    assert runtime.timed_steps([56.6, 90.1, 0.054, 0.058, 0.052, 0.061]) == [2, 3, 4, 5]
+    assert runtime.timed_steps([0.9, 0.1, 0.12, 0.09]) == [1, 2, 3]  # uncompiled: all but 1st
+    assert runtime.timed_steps([0.9]) == [0]  # one step: nothing else to time
