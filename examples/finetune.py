@@ -348,8 +348,7 @@ def train(
     # the path is read off training itself: under FSDP the model reaches the GPU only there
     with runtime.KernelCalls() as calls:
         trainer.train()
-    # compiled, the kernels are called while tracing, not per step
-    forwards = 1 if args.compile else len(timer.seconds) * training_args.gradient_accumulation_steps
+    forwards = len(timer.seconds) * training_args.gradient_accumulation_steps
     path = runtime.path_name(model, name, calls.count, forwards)
 
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]

@@ -73,20 +73,32 @@ def _signature(kernel, element: str, constexprs: dict) -> dict:
     return signature
 
 
+# the attention kernels: short name -> (kernel function, its GPU config table in configs.py)
+ATTENTION_KERNELS = {
+    "fwd": ("attn_fwd_kernel", "fwd_config"),
+    "dq": ("attn_bwd_dq_kernel", "bwd_dq_config"),
+    "dkdv": ("attn_bwd_dkdv_kernel", "bwd_dkdv_config"),
+}
+
+
+def kernel(name: str):
+    """The jit function ``name`` from whichever kernel module defines it."""
+    return next(getattr(m, name) for m in _kernels().values() if hasattr(m, name))
+
+
+def config_table(short: str):
+    """The GPU config table (a function of head_dim, interpreting) of an attention kernel."""
+    _kernels()  # loads the package hfk
+    return getattr(importlib.import_module("hfk.configs"), ATTENTION_KERNELS[short][1])
+
+
 def specialisations() -> list[tuple]:
     """(kernel name, label, element type, constexprs, launch options) of every compile."""
-    modules = _kernels()
+    _kernels()  # loads the package hfk
     configs = importlib.import_module("hfk.configs")
-    table = {
-        "fwd": configs.fwd_config,
-        "dq": configs.bwd_dq_config,
-        "dkdv": configs.bwd_dkdv_config,
-    }
-    names = {"fwd": "attn_fwd_kernel", "dq": "attn_bwd_dq_kernel", "dkdv": "attn_bwd_dkdv_kernel"}
-    kernels = {
-        short: next(getattr(m, name) for m in modules.values() if hasattr(m, name))
-        for short, name in names.items()
-    }
+    table = {short: config_table(short) for short in ATTENTION_KERNELS}
+    names = {short: name for short, (name, _) in ATTENTION_KERNELS.items()}
+    kernels = {short: kernel(name) for short, name in names.items()}
     out = []
     for dtype, element, head_dim in DTYPES:
         common = dict(
@@ -96,7 +108,7 @@ def specialisations() -> list[tuple]:
             UPCAST=False,
             DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
         )
-        for short, kernel in names.items():
+        for short, name in names.items():
             cfg = table[short](head_dim, False)
             base = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
             # every other constexpr is a feature flag (IS_CAUSAL, HAS_KPM, ...): read from the
@@ -108,7 +120,7 @@ def specialisations() -> list[tuple]:
             for label, chosen in choices:
                 run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 label = f"{short} {dtype} D{head_dim} {label}"
-                out.append((kernel, label, element, {**base, **chosen}, run))
+                out.append((name, label, element, {**base, **chosen}, run))
         cfg = configs.decode_config(head_dim, 16, False)
         for causal, kpm, aligned in ((False, False, True), (True, True, False)):
             decode = dict(
@@ -145,9 +157,8 @@ def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
     from triton.compiler import ASTSource
 
     kernel_name, label, element, constexprs, run = job
-    modules = _kernels()
-    kernel = next(getattr(m, kernel_name) for m in modules.values() if hasattr(m, kernel_name))
-    source = ASTSource(kernel, _signature(kernel, element, constexprs), constexprs)
+    fn = kernel(kernel_name)
+    source = ASTSource(fn, _signature(fn, element, constexprs), constexprs)
     start = time.perf_counter()
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=run)

@@ -46,19 +46,14 @@ def _config_label(cfg) -> str:
 def jobs(only: str) -> list[tuple]:
     """(kernel name, label, element type, constexprs, launch options) per kernel x head_dim x
     feature set, the config from the GPU tables."""
-    modules = compile_check._kernels()
+    compile_check._kernels()  # loads the package hfk
     configs = importlib.import_module("hfk.configs")
-    tables = {
-        "fwd": ("attn_fwd_kernel", configs.fwd_config),
-        "dq": ("attn_bwd_dq_kernel", configs.bwd_dq_config),
-        "dkdv": ("attn_bwd_dkdv_kernel", configs.bwd_dkdv_config),
-    }
     out = []
-    for (short, (name, table)), (element, head_dim), (feature, chosen) in itertools.product(
-        tables.items(), SHAPES, FEATURES.items()
+    for (short, (name, _)), (element, head_dim), (feature, chosen) in itertools.product(
+        compile_check.ATTENTION_KERNELS.items(), SHAPES, FEATURES.items()
     ):
-        kernel = next(getattr(m, name) for m in modules.values() if hasattr(m, name))
-        cfg = table(head_dim, False)
+        kernel = compile_check.kernel(name)
+        cfg = compile_check.config_table(short)(head_dim, False)
         constexprs = dict(
             GROUP=4,
             HEAD_DIM=head_dim,
@@ -101,8 +96,7 @@ def report_one(job: tuple, arch: int) -> str:
     from triton.compiler import ASTSource
 
     name, label, element, constexprs, run = job
-    modules = compile_check._kernels()
-    kernel = next(getattr(m, name) for m in modules.values() if hasattr(m, name))
+    kernel = compile_check.kernel(name)
     signature, constexprs, attrs = as_launched(kernel, element, constexprs)
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs, attrs),
