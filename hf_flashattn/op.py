@@ -90,15 +90,19 @@ def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -
     )
 
 
+# the one constexpr of a kernel's own, last in its launcher key
+_OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE"}
+
+
 def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, has_dlse = key
+        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, own = key
         kernel, table, grid_block = _KERNELS[name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
         constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q)
-        if name == "dq":
-            constexprs["HAS_DLSE"] = has_dlse
+        if name in _OWN_FLAG:
+            constexprs[_OWN_FLAG[name]] = own
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
         launcher = _LAUNCHERS[(name, key)] = _Launcher(
             kernel, cfg, grid_block, constexprs, direct=not INTERPRETING, paired=causal
@@ -228,7 +232,7 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, pad_q, False)
+    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, pad_q, scale > 0)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,

@@ -161,9 +161,16 @@ def test_causal_self_attention_padded_queries_give_zeros(device, configs):
     assert out2[0, :, 200:].abs().amax() > 0  # rows past the right padding still attend
 
 
-def test_scale(device):
-    q, k, v = _inputs(device, torch.float16, 1, 2, 2, 40, 40, 64)
-    _check(device, torch.float16, q, k, v, causal=False, scale=0.3)
+@pytest.mark.parametrize("scale", [0.3, -0.7, 0.0])
+def test_scale(device, scale):
+    """Any finite scale: the forward folds the scale into its exponent on unmasked blocks,
+    which holds only for scale >= 0 (a negative one's sign moves into q) and must not meet a
+    masked -inf with a zero scale (0 * -inf is NaN)."""
+    q, k, v = _inputs(device, torch.float16, 2, 2, 2, 80, 80, 64)
+    mask = torch.ones(2, 80, dtype=torch.bool, device=device)
+    mask[1, 50:] = False
+    _check(device, torch.float16, q, k, v, causal=True, scale=scale)
+    _check(device, torch.float16, q, k, v, causal=False, scale=scale, key_padding_mask=mask)
 
 
 def test_every_output_written(device):

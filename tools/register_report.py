@@ -33,6 +33,8 @@ FEATURES = {
     "causal+dropout": {"IS_CAUSAL": True, "HAS_DROPOUT": True},
     "causal+padding": {"IS_CAUSAL": True, "HAS_KPM": True, "PAD_Q": True},
 }
+# flags every model's launch sets (models' softmax scales are positive)
+ALWAYS_ON = {"SCALE_POSITIVE": True}
 # (element type, head_dim): GPT-2's, LLaMA's and Gemma's
 SHAPES = (("bf16", 64), ("bf16", 128), ("bf16", 256))
 _INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -64,7 +66,7 @@ def jobs(only: str) -> list[tuple]:
             DOT_PRECISION="tf32",
         )
         flags = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
-        constexprs.update({flag: chosen.get(flag, False) for flag in flags})
+        constexprs.update({flag: chosen.get(flag, ALWAYS_ON.get(flag, False)) for flag in flags})
         label = f"{short} {element} D{head_dim} {feature} ({_config_label(cfg)})"
         if only in label:
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -212,6 +212,7 @@ def _attn_fwd_inner(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SCALE_POSITIVE: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -230,7 +231,13 @@ def _attn_fwd_inner(
             k = tl.load(k_ptrs + k_off, mask=d_mask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # Unmasked blocks (most of them) scale inside the exponent, one FMA an element, and
+        # max(S) * scale is the scaled max when the scale is positive. Masked blocks scale
+        # first (-inf times a zero scale would be NaN).
+        FUSED: tl.constexpr = SCALE_POSITIVE and not MASKED and not HAS_KPM
+        if not FUSED:
+            qk = qk * qk_scale
         # -- mask: sequence end, causal diagonal and packed sequences only in the MASKED stage
         if MASKED:
             valid = cols[None, :] < seqlen_k
@@ -243,9 +250,14 @@ def _attn_fwd_inner(
             keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0)
             qk = tl.where(keep_col[None, :] != 0, qk, float("-inf"))
         # -- update m_i; a row that has seen only masked keys keeps m = -inf, so subtract 0
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
+        if FUSED:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -313,6 +325,7 @@ def attn_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAD_Q: tl.constexpr,
+    SCALE_POSITIVE: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -414,6 +427,7 @@ def attn_fwd_kernel(
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,
+            SCALE_POSITIVE,
         )
         # stage 2: the causal diagonal band and the ragged end of the keys
         acc, l_i, m_i = _attn_fwd_inner(
@@ -450,6 +464,7 @@ def attn_fwd_kernel(
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,
+            SCALE_POSITIVE,
         )
 
         # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
