@@ -7,6 +7,7 @@ created as (batch, seq, heads, dim) and transposed, K/V heads unexpanded, no mas
 
     python benchmarks/bench_call.py                    # the four layers, ~1-2 minutes
     python benchmarks/bench_call.py --layers gpt2      # one layer
+    python benchmarks/bench_call.py --extra 4,16,16,2048,256   # and any other layer
     python benchmarks/bench_call.py --sweep            # + head_dim x GQA x dtype x N (fwd+bwd)
 
 Per layer and mode (fwd, fwd+bwd): GPU time by ``do_bench`` (median, L2 flushed) and host
@@ -251,6 +252,7 @@ def parse_args(argv=None):
         "(each new shape compiles the kernels: several minutes)",
     )
     p.add_argument("--sweep-only", action="store_true", help="the sweep without the four layers")
+    p.add_argument("--extra", nargs="*", default=[], help="layers: batch,heads_q,heads_kv,seq,dim")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--out", type=Path, default=None, help="JSON path; default benchmarks/results/")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds; then stop")
@@ -266,6 +268,7 @@ def main(argv=None) -> int:
     out = args.out or default_out("call")
     impls = implementations()
     cases = [] if args.sweep_only else [(n, LAYERS[n], args.modes) for n in args.layers]
+    cases += [(*parse_layer(spec), args.modes) for spec in args.extra]
     if args.sweep or args.sweep_only:
         cases += [(n, layer, ["fwd+bwd"]) for n, layer in sweep_layers(args.dtypes).items()]
     data = {

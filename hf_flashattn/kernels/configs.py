@@ -51,12 +51,17 @@ _BWD_DKDV_GPU = (
     # D=128: 32-row query steps, 3 stages: 7% off the LLaMA layer's forward + backward
     # (benchmarks/sweep_configs.py, H200, 2026-11-30) against 64 rows and 2 stages
     (128, KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)),
-    (256, KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=1)),
+    # D=256: 64 x 64, 8 warps, 1 stage: the backward of a (4, 16, 2048, 256) layer 9.8 -> 3.4
+    # ms against (16, 64, 4, 1) (sweep_configs.py, H200, 2026-11-30); it spills ~0.9 KB a
+    # thread, and the spill-free configs were all slower
+    (256, KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=1)),
 )
 _BWD_DQ_GPU = (
     (64, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
     (128, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    (256, KernelConfig(block_m=64, block_n=16, num_warps=4, num_stages=1)),
+    # D=256: 11% off that layer's forward + backward against (64, 16, 4, 1) (same sweep; two
+    # stages do not fit in shared memory, so the launcher fell back to this one there)
+    (256, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=1)),
 )
 # Split-KV decoding: block_m is set per call to the packed query rows (16..64); block_n the
 # key step. Not yet measured on a GPU: a first guess.
