@@ -5,6 +5,7 @@ that kernel (the others keep the tables'), GPU time by ``do_bench``. Needs a GPU
     python benchmarks/sweep_configs.py                       # llama_0.5b and gpt2
     python benchmarks/sweep_configs.py --layers gpt2 --out sweep.json
     python benchmarks/sweep_configs.py --layers --extra 4,16,16,2048,256   # head_dim 256
+    python benchmarks/sweep_configs.py --layers --extra 8,12,12,4096,64 --kernels fwd
 
 The kernels' own table entry is always measured and marked with ``*``; a candidate that does
 not fit in shared memory, or fails, is reported as such and skipped. Pick table entries from
@@ -47,13 +48,14 @@ CANDIDATES = {
 TABLE = {"fwd": configs.fwd_config, "dq": configs.bwd_dq_config, "dkdv": configs.bwd_dkdv_config}
 
 
-def sweep_layer(name: str, layer: b.Layer) -> list[dict]:
+def sweep_layer(name: str, layer: b.Layer, kernels) -> list[dict]:
     impls = b.implementations()
     module = b.AttentionModule(layer)
     q, k, v, dout = b.make_inputs(layer)
     fn = b.step(impls["ours"], module, layer, q, k, v, dout, "fwd+bwd")
     rows = []
-    for kernel, candidates in CANDIDATES.items():
+    for kernel in kernels:
+        candidates = CANDIDATES[kernel]
         table = TABLE[kernel](layer.head_dim, False)
         for cfg in [table] + [c for c in candidates if c != table]:
             row = {"layer": name, "kernel": kernel, "config": cfg.__dict__, "table": cfg == table}
@@ -74,13 +76,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", nargs="*", default=["llama_0.5b", "gpt2"], choices=list(b.LAYERS))
     p.add_argument("--extra", nargs="*", default=[], help="batch,heads_q,heads_kv,seq,dim")
+    p.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: none)")
     args = p.parse_args(argv)
     layers = {name: b.LAYERS[name] for name in args.layers}
     layers.update(b.parse_layer(spec) for spec in args.extra)
     rows = []
     for name, layer in layers.items():
-        rows += sweep_layer(name, layer)
+        rows += sweep_layer(name, layer, args.kernels)
         torch.cuda.empty_cache()
     if args.out:
         write_json(args.out, jsonable({"environment": environment(), "results": rows}))
