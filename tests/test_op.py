@@ -163,9 +163,9 @@ def test_causal_self_attention_padded_queries_give_zeros(device, configs):
 
 @pytest.mark.parametrize("scale", [0.3, -0.7, 0.0])
 def test_scale(device, scale):
-    """Any finite scale: the forward folds the scale into its exponent on unmasked blocks,
-    which holds only for scale >= 0 (a negative one's sign moves into q) and must not meet a
-    masked -inf with a zero scale (0 * -inf is NaN)."""
+    """Any finite scale: the forward folds a positive scale into its exponent on unmasked
+    blocks (max of raw scores times the scale); a negative one (that max would be the minimum)
+    and zero (0 * a masked -inf is NaN) must take the scale-first path."""
     q, k, v = _inputs(device, torch.float16, 2, 2, 2, 80, 80, 64)
     mask = torch.ones(2, 80, dtype=torch.bool, device=device)
     mask[1, 50:] = False
