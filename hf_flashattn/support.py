@@ -59,7 +59,8 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "16-bit gradients": "within twice PyTorch's own 16-bit attention's error, except at nearly "
     "one-hot softmaxes (logits with a spread of ~10 or more): there dq and dk can err ~4x it, "
     "because delta = rowsum(dO * O) uses the 16-bit output, as FlashAttention-2 and cuDNN "
-    "compute it (a correction is being measured: benchmarks/NOTES.md)",
+    "compute it (an exact correction cost 7-14% of forward + backward on an H200, so it is not "
+    "used: benchmarks/NOTES.md)",
     "non-finite inputs": "NaN/Inf in a query row gives NaN in that row; NaN in a key or value "
     "gives NaN in the rows that attend it (keys hidden by key_padding_mask must still be "
     "finite); never an error or a hang",
