@@ -92,6 +92,24 @@ def config_table(short: str):
     return getattr(importlib.import_module("hfk.configs"), ATTENTION_KERNELS[short][1])
 
 
+def common_constexprs(dtype: str, head_dim: int) -> dict:
+    """What every kernel of one dtype and head_dim specialises on (``op._constexprs``, inputs
+    kept in their dtype: no interpreter upcast)."""
+    return dict(
+        GROUP=4,
+        HEAD_DIM=head_dim,
+        BLOCK_D=importlib.import_module("hfk.configs").block_d(head_dim),
+        UPCAST=False,
+        DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+    )
+
+
+def feature_flags(fn, constexprs: dict) -> list[str]:
+    """The kernel's other constexprs: its feature flags (IS_CAUSAL, HAS_KPM, ...), read from
+    the signature, so a new flag is compiled without editing this file."""
+    return [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+
+
 def specialisations() -> list[tuple]:
     """(kernel name, label, element type, constexprs, launch options) of every compile."""
     _kernels()  # loads the package hfk
@@ -101,20 +119,11 @@ def specialisations() -> list[tuple]:
     kernels = {short: kernel(name) for short, name in names.items()}
     out = []
     for dtype, element, head_dim in DTYPES:
-        common = dict(
-            GROUP=4,
-            HEAD_DIM=head_dim,
-            BLOCK_D=configs.block_d(head_dim),
-            UPCAST=False,
-            DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-        )
+        common = common_constexprs(dtype, head_dim)
         for short, name in names.items():
             cfg = table[short](head_dim, False)
             base = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-            # every other constexpr is a feature flag (IS_CAUSAL, HAS_KPM, ...): read from the
-            # signature, so a new flag is compiled without editing this file
-            params = kernels[short].params
-            off = {p.name: False for p in params if p.is_constexpr and p.name not in base}
+            off = {flag: False for flag in feature_flags(kernels[short], base)}
             choices = [("none", off), ("all", {flag: True for flag in off})]
             choices += [(flag, dict(off, **{flag: True})) for flag in off]
             for label, chosen in choices:
@@ -170,7 +179,9 @@ def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
             return label, time.perf_counter() - start, None
         # what the launcher does on the GPU (OutOfResources): the next config down, e.g. for
         # float32 inputs, whose tiles take twice the bytes the 16-bit tables are tuned for
-        smaller = _config(constexprs, run).smaller() if "BLOCK_N" in constexprs else None
+        smaller = (
+            _config(kernel_name, constexprs, run).smaller() if "BLOCK_N" in constexprs else None
+        )
         if smaller is None:
             error = f"needs {shared} bytes of shared memory, sm_{arch} has {limit}"
             return label, time.perf_counter() - start, error
@@ -180,11 +191,11 @@ def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
         label = f"{base} (stepped down to {step})"
 
 
-def _config(constexprs: dict, run: dict):
+def _config(kernel_name: str, constexprs: dict, run: dict):
     configs = importlib.import_module("hfk.configs")
     return configs.KernelConfig(
         constexprs["BLOCK_M"], constexprs["BLOCK_N"], run["num_warps"], run["num_stages"],
-        fixed_m="KV_ALIGNED" in constexprs,  # the decode kernel's rows are fixed
+        fixed_m=kernel_name == "attn_decode_split_kernel",  # its rows are the packed queries
     )  # fmt: skip
 
 

@@ -15,7 +15,6 @@ runs it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import os
 import re
@@ -35,8 +34,8 @@ FEATURES = {
 }
 # flags every model's launch sets (models' softmax scales are positive)
 ALWAYS_ON = {"SCALE_POSITIVE": True}
-# (element type, head_dim): GPT-2's, LLaMA's and Gemma's
-SHAPES = (("bf16", 64), ("bf16", 128), ("bf16", 256))
+# (dtype, element type, head_dim): GPT-2's, LLaMA's and Gemma's
+SHAPES = (("bfloat16", "bf16", 64), ("bfloat16", "bf16", 128), ("bfloat16", "bf16", 256))
 _INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -48,24 +47,18 @@ def _config_label(cfg) -> str:
 def jobs(only: str) -> list[tuple]:
     """(kernel name, label, element type, constexprs, launch options) per kernel x head_dim x
     feature set, the config from the GPU tables."""
-    compile_check._kernels()  # loads the package hfk
-    configs = importlib.import_module("hfk.configs")
     out = []
-    for (short, (name, _)), (element, head_dim), (feature, chosen) in itertools.product(
+    for (short, (name, _)), (dtype, element, head_dim), (feature, chosen) in itertools.product(
         compile_check.ATTENTION_KERNELS.items(), SHAPES, FEATURES.items()
     ):
         kernel = compile_check.kernel(name)
         cfg = compile_check.config_table(short)(head_dim, False)
         constexprs = dict(
-            GROUP=4,
-            HEAD_DIM=head_dim,
-            BLOCK_D=configs.block_d(head_dim),
+            compile_check.common_constexprs(dtype, head_dim),
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
-            UPCAST=False,
-            DOT_PRECISION="tf32",
         )
-        flags = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
+        flags = compile_check.feature_flags(kernel, constexprs)
         constexprs.update({flag: chosen.get(flag, ALWAYS_ON.get(flag, False)) for flag in flags})
         label = f"{short} {element} D{head_dim} {feature} ({_config_label(cfg)})"
         if only in label:
