@@ -29,6 +29,7 @@ from .kernels.configs import (
     bwd_dq_config,
     decode_config,
     fwd_config,
+    head_dim_constexprs,
 )
 from .kernels.decode import attn_decode_combine_kernel, attn_decode_split_kernel
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
@@ -101,6 +102,9 @@ def _launcher(name: str, key: tuple) -> _Launcher:
         kernel, table, grid_block = _KERNELS[name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
         constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q)
+        # the head dim in one or two power-of-two chunks (the decode kernel pads it instead:
+        # it reads K/V once, its dots are not what it waits on)
+        constexprs.update(head_dim_constexprs(head_dim))
         if name in _OWN_FLAG:
             constexprs[_OWN_FLAG[name]] = own
         cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)

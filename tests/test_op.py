@@ -57,11 +57,29 @@ def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128])  # 80 and 96 in two chunks
 @pytest.mark.parametrize("causal", [False, True])
 def test_dtype_head_dim(device, dtype, head_dim, causal):
     q, k, v = _inputs(device, dtype, 2, 2, 2, 97, 130, head_dim)
     _check(device, dtype, q, k, v, causal=causal)
+
+
+def test_head_dim_chunks_cover_the_head_dim_and_save():
+    """Every head dim is tiled by one power-of-two chunk, or two where that is less than one
+    padded chunk (96 = 64 + 32 instead of 128); never short of the head dim."""
+    from hf_flashattn.kernels.configs import block_d, head_dim_chunks
+
+    assert head_dim_chunks(96) == (64, 32) and head_dim_chunks(80) == (64, 16)
+    assert head_dim_chunks(128) == (128, 0) and head_dim_chunks(112) == (128, 0)
+    for head_dim in range(1, 257):
+        first, second = head_dim_chunks(head_dim)
+        padded = block_d(head_dim)
+        assert first >= 16 and first & (first - 1) == 0
+        if second:
+            assert second >= 16 and second & (second - 1) == 0
+            assert first < head_dim <= first + second < padded
+        else:
+            assert first == padded
 
 
 @pytest.mark.parametrize(

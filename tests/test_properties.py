@@ -60,6 +60,7 @@ if HAS_CUDA:
         (torch.float16, 64, 1, True, False),
         (torch.float16, 128, 4, True, True),
         (torch.float16, 64, 1, False, True),
+        (torch.bfloat16, 96, 4, True, True),  # the head dim in two chunks (64 + 32)
     ]
     # heads_kv >= 2: a head count of 1 would be yet another specialisation
     MAX_SEQ, MAX_BATCH, MIN_HEADS_KV, MAX_HEADS_KV = 601, 3, 2, 2

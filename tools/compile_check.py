@@ -26,8 +26,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "hf_flashattn" / "kernels"
-# (dtype name, Triton element type, head_dim): one per head_dim bucket of the tables
-DTYPES = (("float16", "fp16", 64), ("bfloat16", "bf16", 128), ("float32", "fp32", 256))
+# (dtype name, Triton element type, head_dim): one per head_dim bucket of the tables, and 96
+# (the head dim in two chunks, configs.head_dim_chunks)
+DTYPES = (
+    ("float16", "fp16", 64),
+    ("bfloat16", "bf16", 128),
+    ("float32", "fp32", 256),
+    ("bfloat16", "bf16", 96),
+)
 
 
 def _kernels():
@@ -104,6 +110,15 @@ def common_constexprs(dtype: str, head_dim: int) -> dict:
     )
 
 
+def attention_constexprs(dtype: str, head_dim: int, cfg) -> dict:
+    """The constexprs an attention kernel's launch sets but its feature flags (``op._launcher``:
+    the head dim in one or two chunks, the config's blocks)."""
+    chunks = importlib.import_module("hfk.configs").head_dim_constexprs(head_dim)
+    return dict(
+        common_constexprs(dtype, head_dim), **chunks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n
+    )
+
+
 def feature_flags(fn, constexprs: dict) -> list[str]:
     """The kernel's other constexprs: its feature flags (IS_CAUSAL, HAS_KPM, ...), read from
     the signature, so a new flag is compiled without editing this file."""
@@ -122,7 +137,7 @@ def specialisations() -> list[tuple]:
         common = common_constexprs(dtype, head_dim)
         for short, name in names.items():
             cfg = table[short](head_dim, False)
-            base = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+            base = attention_constexprs(dtype, head_dim, cfg)
             off = {flag: False for flag in feature_flags(kernels[short], base)}
             choices = [("none", off), ("all", {flag: True for flag in off})]
             choices += [(flag, dict(off, **{flag: True})) for flag in off]

@@ -34,8 +34,8 @@ FEATURES = {
 }
 # flags every model's launch sets (models' softmax scales are positive)
 ALWAYS_ON = {"SCALE_POSITIVE": True}
-# (dtype, element type, head_dim): GPT-2's, LLaMA's and Gemma's
-SHAPES = (("bfloat16", "bf16", 64), ("bfloat16", "bf16", 128), ("bfloat16", "bf16", 256))
+# (dtype, element type, head_dim): GPT-2's, Phi-3's (two chunks), LLaMA's and Gemma's
+SHAPES = tuple(("bfloat16", "bf16", head_dim) for head_dim in (64, 96, 128, 256))
 _INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -53,11 +53,7 @@ def jobs(only: str) -> list[tuple]:
     ):
         kernel = compile_check.kernel(name)
         cfg = compile_check.config_table(short)(head_dim, False)
-        constexprs = dict(
-            compile_check.common_constexprs(dtype, head_dim),
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-        )
+        constexprs = compile_check.attention_constexprs(dtype, head_dim, cfg)
         flags = compile_check.feature_flags(kernel, constexprs)
         constexprs.update({flag: chosen.get(flag, ALWAYS_ON.get(flag, False)) for flag in flags})
         label = f"{short} {element} D{head_dim} {feature} ({_config_label(cfg)})"

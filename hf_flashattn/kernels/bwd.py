@@ -26,8 +26,7 @@ from .fwd import (
 
 @triton.jit
 def _recompute_p(
-    q,
-    k,
+    qk,
     lse2,
     offs_m,
     cols,
@@ -41,11 +40,9 @@ def _recompute_p(
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    # P = exp2(S * scale * log2e - lse * log2e); masked entries are exactly 0
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    p = tl.math.exp2(qk - lse2[:, None])
+    # P = exp2(S * scale * log2e - lse * log2e) from the raw scores S; masked entries are 0
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         valid = cols[None, :] < seqlen_k
         if IS_CAUSAL:
@@ -72,8 +69,12 @@ def _load_lse2(LSE, offs_m, seqlen_q):
 def _attn_bwd_dkdv_inner(
     dk,
     dv,
+    dk1,
+    dv1,
     k,
     v,
+    k1,
+    v1,
     Q,
     DO,
     LSE,
@@ -85,6 +86,7 @@ def _attn_bwd_dkdv_inner(
     start_n,
     offs_n,
     offs_d,
+    offs_d1,
     stride_qm,
     stride_qd,
     stride_dom,
@@ -99,6 +101,7 @@ def _attn_bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -117,27 +120,34 @@ def _attn_bwd_dkdv_inner(
     arange_m = tl.arange(0, BLOCK_M)
     q_t_ptrs = Q + arange_m[None, :].to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd
     do_ptrs = DO + arange_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod
+    # SPLIT_D: the head dim's second chunk (configs.head_dim_chunks)
+    d1_mask = offs_d1 < HEAD_DIM
+    q1_t_ptrs = Q + arange_m[None, :].to(tl.int64) * stride_qm + offs_d1[:, None] * stride_qd
+    do1_ptrs = DO + arange_m[:, None].to(tl.int64) * stride_dom + offs_d1[None, :] * stride_dod
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + arange_m
         # 64-bit: start_m * stride_qm passes 2^31 once one batch element spans 2^31 elements
-        q_t = tl.load(
-            q_t_ptrs + start_m.to(tl.int64) * stride_qm,
-            mask=(offs_m[None, :] < seqlen_q) & d_mask[:, None],
-            other=0.0,
-        )
-        do = tl.load(
-            do_ptrs + start_m.to(tl.int64) * stride_dom,
-            mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :],
-            other=0.0,
-        )
+        q_off = start_m.to(tl.int64) * stride_qm
+        do_off = start_m.to(tl.int64) * stride_dom
+        row_ok = offs_m < seqlen_q
+        q_t = tl.load(q_t_ptrs + q_off, mask=row_ok[None, :] & d_mask[:, None], other=0.0)
+        do = tl.load(do_ptrs + do_off, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
         if UPCAST:
             q_t = q_t.to(tl.float32)
             do = do.to(tl.float32)
         lse2 = _load_lse2(LSE, offs_m, seqlen_q)
-        delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            q1_t = tl.load(q1_t_ptrs + q_off, mask=row_ok[None, :] & d1_mask[:, None], other=0.0)
+            do1 = tl.load(do1_ptrs + do_off, mask=row_ok[:, None] & d1_mask[None, :], other=0.0)
+            if UPCAST:
+                q1_t = q1_t.to(tl.float32)
+                do1 = do1.to(tl.float32)
+            qk_t = tl.dot(k1, q1_t, qk_t, input_precision=DOT_PRECISION)
         # P^T = exp2(K Q^T * scale * log2e - lse * log2e); masked entries are exactly 0
-        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
             valid = cols[:, None] < seqlen_k
             if IS_CAUSAL:
@@ -148,6 +158,8 @@ def _attn_bwd_dkdv_inner(
         if HAS_KPM:
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             # the forward's mask, in this pass's (key, query) orientation; dV's 1 / (1 - p)
             # multiplies it once at the end
@@ -159,7 +171,10 @@ def _attn_bwd_dkdv_inner(
         dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
-    return dk, dv
+        if SPLIT_D:
+            dv1 = tl.dot(p_drop_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+            dk1 = tl.dot(ds_t.to(q1_t.dtype), tl.trans(q1_t), dk1, input_precision=DOT_PRECISION)
+    return dk, dv, dk1, dv1
 
 
 @triton.jit
@@ -211,6 +226,8 @@ def attn_bwd_dkdv_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -231,6 +248,9 @@ def attn_bwd_dkdv_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     offs_d = tl.arange(0, BLOCK_D)
+    # SPLIT_D: the head dim's second chunk, columns [BLOCK_D, BLOCK_D + BLOCK_D1); without it
+    # its tiles are never loaded and its accumulators (zeros, never updated) fold away
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     kpm_ptr = KPM + b64 * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
     seg_ptr = Seg + b64 * stride_seg_b
@@ -239,30 +259,26 @@ def attn_bwd_dkdv_kernel(
         start_n = _turn_block(first, turn, n_blocks_n) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+        kv1_mask = (offs_n[:, None] < seqlen_k) & (offs_d1[None, :] < HEAD_DIM)
         rows_n = offs_n[:, None].to(tl.int64)
-        k = tl.load(
-            K
-            + b64 * stride_kb
-            + h_kv * stride_kh
-            + rows_n * stride_kn
-            + offs_d[None, :] * stride_kd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            V
-            + b64 * stride_vb
-            + h_kv * stride_vh
-            + rows_n * stride_vn
-            + offs_d[None, :] * stride_vd,
-            mask=kv_mask,
-            other=0.0,
-        )
+        k_rows = K + b64 * stride_kb + h_kv * stride_kh + rows_n * stride_kn
+        v_rows = V + b64 * stride_vb + h_kv * stride_vh + rows_n * stride_vn
+        k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=k.dtype)
+        v1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=v.dtype)
+        if SPLIT_D:
+            k1 = tl.load(k_rows + offs_d1[None, :] * stride_kd, mask=kv1_mask, other=0.0)
+            v1 = tl.load(v_rows + offs_d1[None, :] * stride_vd, mask=kv1_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+            k1 = k1.to(tl.float32)
+            v1 = v1.to(tl.float32)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
         if IS_CAUSAL:
             # rows that see some / all of this key block: j <= i + causal_offset
             lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
@@ -309,11 +325,15 @@ def attn_bwd_dkdv_kernel(
             lse_base = LSE + bh.to(tl.int64) * seqlen_q
             delta_base = Delta + bh.to(tl.int64) * seqlen_q
             if ragged_k:
-                dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, dk1, dv1 = _attn_bwd_dkdv_inner(
                     dk,
                     dv,
+                    dk1,
+                    dv1,
                     k,
                     v,
+                    k1,
+                    v1,
                     q_base,
                     do_base,
                     lse_base,
@@ -325,6 +345,7 @@ def attn_bwd_dkdv_kernel(
                     start_n,
                     tl.arange(0, BLOCK_N),
                     offs_d,
+                    offs_d1,
                     stride_qm,
                     stride_qd,
                     stride_dom,
@@ -339,6 +360,7 @@ def attn_bwd_dkdv_kernel(
                     HEAD_DIM,
                     BLOCK_M,
                     BLOCK_D,
+                    SPLIT_D,
                     True,
                     IS_CAUSAL,
                     HAS_KPM,
@@ -349,11 +371,15 @@ def attn_bwd_dkdv_kernel(
                 )
             else:
                 # diagonal band (masked), then the rows below it that see the whole block
-                dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, dk1, dv1 = _attn_bwd_dkdv_inner(
                     dk,
                     dv,
+                    dk1,
+                    dv1,
                     k,
                     v,
+                    k1,
+                    v1,
                     q_base,
                     do_base,
                     lse_base,
@@ -365,6 +391,7 @@ def attn_bwd_dkdv_kernel(
                     start_n,
                     tl.arange(0, BLOCK_N),
                     offs_d,
+                    offs_d1,
                     stride_qm,
                     stride_qd,
                     stride_dom,
@@ -379,6 +406,7 @@ def attn_bwd_dkdv_kernel(
                     HEAD_DIM,
                     BLOCK_M,
                     BLOCK_D,
+                    SPLIT_D,
                     True,
                     IS_CAUSAL,
                     HAS_KPM,
@@ -387,11 +415,15 @@ def attn_bwd_dkdv_kernel(
                     UPCAST,
                     DOT_PRECISION,
                 )
-                dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, dk1, dv1 = _attn_bwd_dkdv_inner(
                     dk,
                     dv,
+                    dk1,
+                    dv1,
                     k,
                     v,
+                    k1,
+                    v1,
                     q_base,
                     do_base,
                     lse_base,
@@ -403,6 +435,7 @@ def attn_bwd_dkdv_kernel(
                     start_n,
                     tl.arange(0, BLOCK_N),
                     offs_d,
+                    offs_d1,
                     stride_qm,
                     stride_qd,
                     stride_dom,
@@ -417,6 +450,7 @@ def attn_bwd_dkdv_kernel(
                     HEAD_DIM,
                     BLOCK_M,
                     BLOCK_D,
+                    SPLIT_D,
                     False,
                     IS_CAUSAL,
                     HAS_KPM,
@@ -426,11 +460,15 @@ def attn_bwd_dkdv_kernel(
                     DOT_PRECISION,
                 )
                 # ragged last query block
-                dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, dk1, dv1 = _attn_bwd_dkdv_inner(
                     dk,
                     dv,
+                    dk1,
+                    dv1,
                     k,
                     v,
+                    k1,
+                    v1,
                     q_base,
                     do_base,
                     lse_base,
@@ -442,6 +480,7 @@ def attn_bwd_dkdv_kernel(
                     start_n,
                     tl.arange(0, BLOCK_N),
                     offs_d,
+                    offs_d1,
                     stride_qm,
                     stride_qd,
                     stride_dom,
@@ -456,6 +495,7 @@ def attn_bwd_dkdv_kernel(
                     HEAD_DIM,
                     BLOCK_M,
                     BLOCK_D,
+                    SPLIT_D,
                     True,
                     IS_CAUSAL,
                     HAS_KPM,
@@ -466,31 +506,31 @@ def attn_bwd_dkdv_kernel(
                 )
 
         dk = dk * sm_scale
+        dk1 = dk1 * sm_scale
         if HAS_DROPOUT:
             dv = dv * (1.0 / (1.0 - dropout_p))
-        dk_ptrs = (
-            DK
-            + b64 * stride_dkb
-            + h_kv * stride_dkh
-            + rows_n * stride_dkn
-            + offs_d[None, :] * stride_dkd
-        )
-        dv_ptrs = (
-            DV
-            + b64 * stride_dvb
-            + h_kv * stride_dvh
-            + rows_n * stride_dvn
-            + offs_d[None, :] * stride_dvd
-        )
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            dv1 = dv1 * (1.0 / (1.0 - dropout_p))
+        dk_rows = DK + b64 * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn
+        dv_rows = DV + b64 * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn
+        tl.store(dk_rows + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_rows + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if SPLIT_D:
+            tl.store(
+                dk_rows + offs_d1[None, :] * stride_dkd, dk1.to(DK.dtype.element_ty), mask=kv1_mask
+            )
+            tl.store(
+                dv_rows + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=kv1_mask
+            )
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
     dq,
+    dq1,
     q,
+    q1,
     do,
+    do1,
     lse2,
     delta,
     K,
@@ -501,6 +541,7 @@ def _attn_bwd_dq_inner(
     hi,
     offs_m,
     offs_d,
+    offs_d1,
     stride_kn,
     stride_kd,
     stride_vn,
@@ -515,6 +556,7 @@ def _attn_bwd_dq_inner(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -528,22 +570,37 @@ def _attn_bwd_dq_inner(
     arange_n = tl.arange(0, BLOCK_N)
     k_ptrs = K + arange_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + arange_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
+    # SPLIT_D: the head dim's second chunk (configs.head_dim_chunks)
+    d1_mask = offs_d1 < HEAD_DIM
+    k1_ptrs = K + arange_n[:, None].to(tl.int64) * stride_kn + offs_d1[None, :] * stride_kd
+    v1_ptrs = V + arange_n[:, None].to(tl.int64) * stride_vn + offs_d1[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + arange_n
         if MASKED:
             kv_mask = (cols[:, None] < seqlen_k) & d_mask[None, :]
+            kv1_mask = (cols[:, None] < seqlen_k) & d1_mask[None, :]
         else:
             kv_mask = d_mask[None, :]
+            kv1_mask = d1_mask[None, :]
         # 64-bit: start_n * stride_kn passes 2^31 once one batch element spans 2^31 elements
-        k = tl.load(k_ptrs + start_n.to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n.to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        k_off = start_n.to(tl.int64) * stride_kn
+        v_off = start_n.to(tl.int64) * stride_vn
+        k = tl.load(k_ptrs + k_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + v_off, mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            k1 = tl.load(k1_ptrs + k_off, mask=kv1_mask, other=0.0)
+            v1 = tl.load(v1_ptrs + v_off, mask=kv1_mask, other=0.0)
+            if UPCAST:
+                k1 = k1.to(tl.float32)
+                v1 = v1.to(tl.float32)
+            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
         p = _recompute_p(
-            q,
-            k,
+            qk,
             lse2,
             offs_m,
             cols,
@@ -557,15 +614,18 @@ def _attn_bwd_dq_inner(
             IS_CAUSAL,
             HAS_KPM,
             HAS_SEG,
-            DOT_PRECISION,
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        if SPLIT_D:
+            dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
+    return dq, dq1
 
 
 @triton.jit
@@ -617,6 +677,8 @@ def attn_bwd_dq_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -639,6 +701,9 @@ def attn_bwd_dq_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     offs_d = tl.arange(0, BLOCK_D)
+    # SPLIT_D: the head dim's second chunk, columns [BLOCK_D, BLOCK_D + BLOCK_D1); without it
+    # its tiles are never loaded and its accumulator (zeros, never updated) folds away
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     row_base = bh.to(tl.int64) * seqlen_q
     k_base = K + b64 * stride_kb + h_kv * stride_kh
     v_base = V + b64 * stride_vb + h_kv * stride_vh
@@ -652,38 +717,36 @@ def attn_bwd_dq_kernel(
         rows = offs_m[:, None].to(tl.int64)
         row_ok = offs_m < seqlen_q
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        do = tl.load(
-            DO
-            + b64 * stride_dob
-            + h * stride_doh
-            + rows * stride_dom
-            + offs_d[None, :] * stride_dod,
-            mask=mask,
-            other=0.0,
-        )
-        o = tl.load(
-            Out + b64 * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
-            mask=mask,
-            other=0.0,
-        )
+        mask1 = row_ok[:, None] & (offs_d1[None, :] < HEAD_DIM)
+        do_rows = DO + b64 * stride_dob + h * stride_doh + rows * stride_dom
+        o_rows = Out + b64 * stride_ob + h * stride_oh + rows * stride_om
+        q_rows = Q + b64 * stride_qb + h * stride_qh + rows * stride_qm
+        do = tl.load(do_rows + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+        o = tl.load(o_rows + offs_d[None, :] * stride_od, mask=mask, other=0.0)
         # delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i), the softmax-backward correction term.
         # The lse output adds d lse_i / d s_ij = p_ij, i.e. dS = P * (dP - delta + dlse): fold it
         # into delta (natural-log units, as dP; only the recomputation of P uses log2).
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        do1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=do.dtype)
+        q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=do.dtype)
+        if SPLIT_D:
+            do1 = tl.load(do_rows + offs_d1[None, :] * stride_dod, mask=mask1, other=0.0)
+            o1 = tl.load(o_rows + offs_d1[None, :] * stride_od, mask=mask1, other=0.0)
+            delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), axis=1)
+            q1 = tl.load(q_rows + offs_d1[None, :] * stride_qd, mask=mask1, other=0.0)
         if HAS_DLSE:
             delta -= tl.load(DLSE + row_base + offs_m, mask=row_ok, other=0.0)
         # the dK/dV pass, launched after this one, reads it
         tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
-        q = tl.load(
-            Q + b64 * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
-            mask=mask,
-            other=0.0,
-        )
+        q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
+            q1 = q1.to(tl.float32)
+            do1 = do1.to(tl.float32)
         lse2 = _load_lse2(LSE + row_base, offs_m, seqlen_q)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
         lo, hi_full, hi = _key_bounds(
             start_m,
             seqlen_q,
@@ -699,10 +762,13 @@ def attn_bwd_dq_kernel(
             PAD_Q,
         )
 
-        dq = _attn_bwd_dq_inner(
+        dq, dq1 = _attn_bwd_dq_inner(
             dq,
+            dq1,
             q,
+            q1,
             do,
+            do1,
             lse2,
             delta,
             k_base,
@@ -713,6 +779,7 @@ def attn_bwd_dq_kernel(
             hi_full,
             offs_m,
             offs_d,
+            offs_d1,
             stride_kn,
             stride_kd,
             stride_vn,
@@ -727,6 +794,7 @@ def attn_bwd_dq_kernel(
             HEAD_DIM,
             BLOCK_N,
             BLOCK_D,
+            SPLIT_D,
             False,
             IS_CAUSAL,
             HAS_KPM,
@@ -735,10 +803,13 @@ def attn_bwd_dq_kernel(
             UPCAST,
             DOT_PRECISION,
         )
-        dq = _attn_bwd_dq_inner(
+        dq, dq1 = _attn_bwd_dq_inner(
             dq,
+            dq1,
             q,
+            q1,
             do,
+            do1,
             lse2,
             delta,
             k_base,
@@ -749,6 +820,7 @@ def attn_bwd_dq_kernel(
             hi,
             offs_m,
             offs_d,
+            offs_d1,
             stride_kn,
             stride_kd,
             stride_vn,
@@ -763,6 +835,7 @@ def attn_bwd_dq_kernel(
             HEAD_DIM,
             BLOCK_N,
             BLOCK_D,
+            SPLIT_D,
             True,
             IS_CAUSAL,
             HAS_KPM,
@@ -771,12 +844,11 @@ def attn_bwd_dq_kernel(
             UPCAST,
             DOT_PRECISION,
         )
+        dq_rows = DQ + b64 * stride_dqb + h * stride_dqh + rows * stride_dqm
         dq = dq * sm_scale
-        dq_ptrs = (
-            DQ
-            + b64 * stride_dqb
-            + h * stride_dqh
-            + rows * stride_dqm
-            + offs_d[None, :] * stride_dqd
-        )
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+        tl.store(dq_rows + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
+        if SPLIT_D:
+            dq1 = dq1 * sm_scale
+            tl.store(
+                dq_rows + offs_d1[None, :] * stride_dqd, dq1.to(DQ.dtype.element_ty), mask=mask1
+            )

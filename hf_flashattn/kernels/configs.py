@@ -38,6 +38,26 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """The head dim as the attention kernels tile it: (first chunk, second chunk, 0 for none).
+    Dot shapes are powers of two, so head_dim 96 padded to 128 would pay a third more in every
+    dot; as 64 + 32 it pays nothing (80: 64 + 16, 160: 128 + 32). Split only where that saves:
+    112 stays 128 (64 + 64 is no less)."""
+    padded = block_d(head_dim)
+    first = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two <= head_dim
+    if head_dim <= first:
+        return padded, 0
+    second = block_d(head_dim - first)
+    return (first, second) if first + second < padded else (padded, 0)
+
+
+def head_dim_constexprs(head_dim: int) -> dict:
+    """The attention kernels' head-dim constexprs: BLOCK_D (the first chunk), SPLIT_D and
+    BLOCK_D1 (the second chunk; 16, unused, without one)."""
+    first, second = head_dim_chunks(head_dim)
+    return dict(BLOCK_D=first, BLOCK_D1=second or 16, SPLIT_D=second > 0)
+
+
 # (max head_dim, config) in ascending head_dim; first match wins
 # Measured on H100 (bf16, N=4096, benchmarks/NOTES.md); the runner-up was within 3% in each row.
 _FWD_GPU = (

@@ -180,11 +180,15 @@ def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPO
 @triton.jit
 def _attn_fwd_inner(
     acc,
+    acc1,
     l_i,
     m_i,
     q,
+    q1,
     k_ptrs,
     v_ptrs,
+    k1_ptrs,
+    v1_ptrs,
     kpm_ptr,
     seg_ptr,
     start_m,
@@ -202,9 +206,11 @@ def _attn_fwd_inner(
     offs_m,
     offs_n,
     offs_d,
+    offs_d1,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -215,6 +221,7 @@ def _attn_fwd_inner(
     SCALE_POSITIVE: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
+    d1_mask = offs_d1 < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -232,6 +239,18 @@ def _attn_fwd_inner(
         if UPCAST:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SPLIT_D:  # the head dim's second chunk (configs.head_dim_chunks)
+            if MASKED:
+                k1 = tl.load(
+                    k1_ptrs + k_off,
+                    mask=(cols[:, None] < seqlen_k) & d1_mask[None, :],
+                    other=0.0,
+                )
+            else:
+                k1 = tl.load(k1_ptrs + k_off, mask=d1_mask[None, :], other=0.0)
+            if UPCAST:
+                k1 = k1.to(tl.float32)
+            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
         # Unmasked blocks (most of them) scale inside the exponent, one FMA an element, and
         # max(S) * scale is the scaled max when the scale is positive. Masked blocks scale
         # first (-inf times a zero scale would be NaN).
@@ -261,6 +280,8 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if SPLIT_D:
+            acc1 = acc1 * alpha[:, None]
         if HAS_DROPOUT:
             # kept probabilities unscaled: the 1 / (1 - dropout_p) multiplies the output once
             keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
@@ -276,8 +297,20 @@ def _attn_fwd_inner(
         if UPCAST:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            if MASKED:
+                v1 = tl.load(
+                    v1_ptrs + v_off,
+                    mask=(cols[:, None] < seqlen_k) & d1_mask[None, :],
+                    other=0.0,
+                )
+            else:
+                v1 = tl.load(v1_ptrs + v_off, mask=d1_mask[None, :], other=0.0)
+            if UPCAST:
+                v1 = v1.to(tl.float32)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc1, l_i, m_i
 
 
 @triton.jit
@@ -316,6 +349,8 @@ def attn_fwd_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -337,23 +372,19 @@ def attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
+    # SPLIT_D: the head dim's second chunk, columns [BLOCK_D, BLOCK_D + BLOCK_D1); without it
+    # its tiles are never loaded and its accumulator (zeros, never updated) folds away
+    offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+    d1_mask = offs_d1 < HEAD_DIM
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(Seed)
-    k_ptrs = (
-        K
-        + b * stride_kb
-        + h_kv * stride_kh
-        + offs_n[:, None].to(tl.int64) * stride_kn
-        + offs_d[None, :] * stride_kd
-    )
-    v_ptrs = (
-        V
-        + b * stride_vb
-        + h_kv * stride_vh
-        + offs_n[:, None].to(tl.int64) * stride_vn
-        + offs_d[None, :] * stride_vd
-    )
+    k_rows = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
+    v_rows = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
+    k1_ptrs = k_rows + offs_d1[None, :] * stride_kd
+    v1_ptrs = v_rows + offs_d1[None, :] * stride_vd
     kpm_ptr = KPM + b * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
     seg_ptr = Seg + b * stride_seg_b
@@ -363,20 +394,27 @@ def attn_fwd_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_mask = offs_m < seqlen_q
         rows64 = offs_m.to(tl.int64)
-        q_ptrs = (
-            Q
-            + b * stride_qb
-            + h * stride_qh
-            + rows64[:, None] * stride_qm
-            + offs_d[None, :] * stride_qd
+        q_rows = Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qm
+        q = tl.load(
+            q_rows + offs_d[None, :] * stride_qd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
         )
-        q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q.dtype)
+        if SPLIT_D:
+            q1 = tl.load(
+                q_rows + offs_d1[None, :] * stride_qd,
+                mask=row_mask[:, None] & d1_mask[None, :],
+                other=0.0,
+            )
         if UPCAST:
             q = q.to(tl.float32)
+            q1 = q1.to(tl.float32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
         lo, hi_full, hi = _key_bounds(
             start_m,
@@ -393,13 +431,17 @@ def attn_fwd_kernel(
             PAD_Q,
         )
         # stage 1: whole blocks that need no mask
-        acc, l_i, m_i = _attn_fwd_inner(
+        acc, acc1, l_i, m_i = _attn_fwd_inner(
             acc,
+            acc1,
             l_i,
             m_i,
             q,
+            q1,
             k_ptrs,
             v_ptrs,
+            k1_ptrs,
+            v1_ptrs,
             kpm_ptr,
             seg_ptr,
             start_m,
@@ -417,9 +459,11 @@ def attn_fwd_kernel(
             offs_m,
             offs_n,
             offs_d,
+            offs_d1,
             HEAD_DIM,
             BLOCK_N,
             BLOCK_D,
+            SPLIT_D,
             False,
             IS_CAUSAL,
             HAS_KPM,
@@ -430,13 +474,17 @@ def attn_fwd_kernel(
             SCALE_POSITIVE,
         )
         # stage 2: the causal diagonal band and the ragged end of the keys
-        acc, l_i, m_i = _attn_fwd_inner(
+        acc, acc1, l_i, m_i = _attn_fwd_inner(
             acc,
+            acc1,
             l_i,
             m_i,
             q,
+            q1,
             k_ptrs,
             v_ptrs,
+            k1_ptrs,
+            v1_ptrs,
             kpm_ptr,
             seg_ptr,
             start_m,
@@ -454,9 +502,11 @@ def attn_fwd_kernel(
             offs_m,
             offs_n,
             offs_d,
+            offs_d1,
             HEAD_DIM,
             BLOCK_N,
             BLOCK_D,
+            SPLIT_D,
             True,
             IS_CAUSAL,
             HAS_KPM,
@@ -473,23 +523,31 @@ def attn_fwd_kernel(
             row_kept = tl.load(kpm_ptr + offs_m, mask=row_mask, other=0) != 0
             empty = empty | (row_kept == 0)
             acc = tl.where(row_kept[:, None], acc, 0.0)
-        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+            acc1 = tl.where(row_kept[:, None], acc1, 0.0)
+        denom = tl.where(empty, 1.0, l_i)[:, None]
+        acc = acc / denom
+        acc1 = acc1 / denom
         if HAS_DROPOUT:
             acc = acc * (1.0 / (1.0 - dropout_p))
+            acc1 = acc1 * (1.0 / (1.0 - dropout_p))
         lse = tl.where(
             empty,
             float("-inf"),
             (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
         )
         tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_mask)
-        o_ptrs = (
-            Out
-            + b * stride_ob
-            + h * stride_oh
-            + rows64[:, None] * stride_om
-            + offs_d[None, :] * stride_od
+        o_rows = Out + b * stride_ob + h * stride_oh + rows64[:, None] * stride_om
+        tl.store(
+            o_rows + offs_d[None, :] * stride_od,
+            acc.to(Out.dtype.element_ty),
+            mask=row_mask[:, None] & d_mask[None, :],
         )
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+        if SPLIT_D:
+            tl.store(
+                o_rows + offs_d1[None, :] * stride_od,
+                acc1.to(Out.dtype.element_ty),
+                mask=row_mask[:, None] & d1_mask[None, :],
+            )
 
 
 @triton.jit
