@@ -61,9 +61,13 @@ def head_dim_constexprs(head_dim: int) -> dict:
 # (max head_dim, config) in ascending head_dim; first match wins
 # Measured on H100 (bf16, N=4096, benchmarks/NOTES.md); the runner-up was within 3% in each row.
 _FWD_GPU = (
-    (64, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    # D<=64: 4 warps: 5% off a (8, 12, 4096, 64) layer's forward + backward against 8 warps
+    # (sweep_configs.py, H200, 2026-11-30, seventh session)
+    (64, KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)),
     (128, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    (256, KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)),
+    # D=256: 128 x 64, 8 warps, 2 stages: 5% off a (4, 16, 2048, 256) layer's forward +
+    # backward against (64, 32, 4, 2) (same sweep); 3 stages within 0.2%, and 2 leave fp32 room
+    (256, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)),
 )
 # dK/dV: block_n is the resident K/V block (the M of every dot), block_m the Q step
 _BWD_DKDV_GPU = (
@@ -77,7 +81,8 @@ _BWD_DKDV_GPU = (
     (256, KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=1)),
 )
 _BWD_DQ_GPU = (
-    (64, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    # D<=64: 64 x 64, 4 warps: 5% off that (8, 12, 4096, 64) layer against 128 x 64, 8 warps
+    (64, KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
     (128, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
     # D=256: 11% off that layer's forward + backward against (64, 16, 4, 1) (same sweep; two
     # stages do not fit in shared memory, so the launcher fell back to this one there)
