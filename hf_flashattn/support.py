@@ -56,11 +56,12 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "sizes": "any batch x heads and sequence length that fits in memory (one launch-grid axis, "
     "64-bit offsets; a 128k-token causal forward + backward runs in linear memory); dropout "
     "never repeats its mask within a tensor",
-    "16-bit gradients": "within twice PyTorch's own 16-bit attention's error, except at nearly "
-    "one-hot softmaxes (logits with a spread of ~10 or more): there dq and dk can err ~4x it, "
-    "because delta = rowsum(dO * O) uses the 16-bit output, as FlashAttention-2 and cuDNN "
-    "compute it (an exact correction cost 7-14% of forward + backward on an H200, so it is not "
-    "used: benchmarks/NOTES.md)",
+    "16-bit gradients": "within twice the error of PyTorch's own 16-bit attention (its fused sdpa "
+    "kernels or its matmul-softmax path). At nearly one-hot softmaxes (logits with a spread of ~10 "
+    "or more) dq and dk err as FlashAttention-2's and cuDNN's do (measured equal on an H200), up "
+    "to ~4x the matmul-softmax path: all three form delta = rowsum(dO * O) from the 16-bit output "
+    "(an exact correction cost 7-14% of forward + backward, so it is not used: "
+    "benchmarks/NOTES.md)",
     "non-finite inputs": "NaN/Inf in a query row gives NaN in that row; NaN in a key or value "
     "gives NaN in the rows that attend it (keys hidden by key_padding_mask must still be "
     "finite); never an error or a hang",
