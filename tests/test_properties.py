@@ -4,8 +4,9 @@ Hypothesis draws the whole call: batch, heads and GQA ratio, decode (seq_q << se
 and free sequence lengths (odd ones included), head_dim 16-256, dtype, causal, scale, layout,
 and key padding masks that leave some query rows with nothing to attend. Every example is held
 to the rule of DEVELOPERS.md (``attention_ref.assert_close_to_ref``: twice PyTorch's own
-low-precision error plus a floor; NaN never passes), and rows that see no key must give
-exactly zero and lse = -inf.
+low-precision error plus a floor; NaN never passes; for gradients the larger error of its
+matmul-softmax path and its fused sdpa), and rows that see no key must give exactly zero and
+lse = -inf.
 
 Budgets (profiles; override with ``HF_FLASHATTN_HYPOTHESIS_PROFILE=ci|gpu|hunt``):
 
