@@ -277,13 +277,17 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
         (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
     )
     n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
-    parts = batch * heads_q * n_splits * seqlen_q
-    out_part = torch.empty((parts, head_dim), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    if n_splits == 1:  # the split kernel writes out and lse itself: nothing to merge
+        out_part, lse_part = out, lse  # never written
+    else:
+        parts = batch * heads_q * n_splits * seqlen_q
+        out_part = torch.empty((parts, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    out_strides = out.stride()
     split(
         n_splits,
         batch * heads_kv,
-        (q, k, v, out_part, lse_part, kpm),
+        (q, k, v, out_part, lse_part, out, lse, kpm),
         (scale * _LOG2E,),
         (
             *q.stride(),
@@ -292,6 +296,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
             *v_outer,
             *v.stride()[2:],
             kpm.stride(0) if has_kpm else 0,
+            *out_strides,
             heads_kv,
             seqlen_q,
             seqlen_k,
@@ -299,13 +304,14 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
             n_splits,
         ),
     )
-    _combine_launcher(head_dim, n_splits)(
-        seqlen_q,
-        batch * heads_q,
-        (out_part, lse_part, out, lse),
-        (),
-        (*out.stride(), heads_q, seqlen_q, n_splits),
-    )
+    if n_splits > 1:
+        _combine_launcher(head_dim, n_splits)(
+            seqlen_q,
+            batch * heads_q,
+            (out_part, lse_part, out, lse),
+            (),
+            (*out_strides, heads_q, seqlen_q, n_splits),
+        )
 
 
 @_on_device

@@ -35,6 +35,20 @@ def split_calls(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def merges(monkeypatch) -> list[int]:
+    """The slice count of every merge (combine kernel) launched."""
+    calls = []
+    combine_launcher = op._combine_launcher
+
+    def spy(head_dim, n_splits):
+        calls.append(n_splits)
+        return combine_launcher(head_dim, n_splits)
+
+    monkeypatch.setattr(op, "_combine_launcher", spy)
+    return calls
+
+
 @pytest.mark.parametrize(
     "heads_q,heads_kv,seqlen_q",
     [(4, 4, 1), (8, 2, 1), (8, 1, 3), (16, 2, 4)],  # MHA, GQA 4, MQA 8, GQA 8 x 4 queries
@@ -42,15 +56,17 @@ def split_calls(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("programs", [1, 1000])
 def test_split_kv_matches_reference(
-    device, heads_q, heads_kv, seqlen_q, causal, programs, splits, split_calls
+    device, heads_q, heads_kv, seqlen_q, causal, programs, splits, split_calls, merges
 ):
     """Output, LSE and gradients (the backward is the main one, on the split forward's LSE),
-    with one slice and with one slice per key block; 333 keys end in a ragged block."""
+    with one slice (written by the split kernel itself, no merge launched) and with one slice
+    per key block; 333 keys end in a ragged block."""
     splits(programs)
     q, k, v = _inputs(device, torch.float16, 2, heads_q, heads_kv, seqlen_q, 333, 64)
     _check(device, torch.float16, q, k, v, causal=causal)
     blocks = -(-333 // decode_config(64, heads_q // heads_kv * seqlen_q, INTERPRETING).block_n)
     assert split_calls == [1 if programs == 1 else blocks]
+    assert merges == ([] if programs == 1 else split_calls)
 
 
 def test_split_kv_padding(device, splits, split_calls):

@@ -7,6 +7,8 @@ one (batch, K/V head) and one slice of the keys, with every query row of the gro
 the rows of one tile (row r: query head ``r // seqlen_q`` of the group, query ``r % seqlen_q``),
 so each K/V block is loaded once for the whole group. Each program writes its slice's output,
 normalised, and its log-sum-exp; the combine kernel merges the slices exactly through them.
+With one slice (batch x K/V heads already fill the GPU) the program's result is the answer: it
+writes the output and log-sum-exp itself, and the host launches no merge.
 Masks as in the main forward: key padding, bottom-right causal alignment, the sequence end.
 """
 
@@ -31,6 +33,8 @@ def attn_decode_split_kernel(
     V,
     OutPart,
     LsePart,
+    Out,
+    LSE,
     KPM,
     qk_scale,
     stride_qb,
@@ -46,6 +50,10 @@ def attn_decode_split_kernel(
     stride_vn,
     stride_vd,
     stride_kpm_b,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
     num_heads_kv,
     seqlen_q,
     seqlen_k,
@@ -138,14 +146,27 @@ def attn_decode_split_kernel(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    # partials are (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats
-    part = ((b * num_heads_kv * GROUP + head) * n_splits + split) * seqlen_q + qi
-    tl.store(LsePart + part, lse2, mask=row_ok)
-    tl.store(
-        OutPart + part[:, None] * HEAD_DIM + offs_d[None, :],
-        acc,
-        mask=row_ok[:, None] & d_mask[None, :],
-    )
+    bh_q = b * num_heads_kv * GROUP + head  # each row's (batch, query head)
+    if n_splits == 1:  # the slice is every key: what the combine kernel would write
+        tl.store(LSE + bh_q * seqlen_q + qi, lse2 * 0.6931471805599453, mask=row_ok)
+        tl.store(
+            Out
+            + b * stride_ob
+            + head[:, None] * stride_oh
+            + qi[:, None] * stride_om
+            + offs_d[None, :] * stride_od,
+            acc.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & d_mask[None, :],
+        )
+    else:
+        # partials are (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats
+        part = (bh_q * n_splits + split) * seqlen_q + qi
+        tl.store(LsePart + part, lse2, mask=row_ok)
+        tl.store(
+            OutPart + part[:, None] * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=row_ok[:, None] & d_mask[None, :],
+        )
 
 
 @triton.jit(do_not_specialize=["n_splits"])
