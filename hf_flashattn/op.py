@@ -277,17 +277,16 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
         (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
     )
     n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
+    n_parts = batch * heads_q * n_splits * seqlen_q  # the slices' partial rows
     if n_splits == 1:  # the split kernel writes out and lse itself: nothing to merge
-        out_part, lse_part = out, lse  # never written
-    else:
-        parts = batch * heads_q * n_splits * seqlen_q
-        out_part = torch.empty((parts, head_dim), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((parts,), dtype=torch.float32, device=q.device)
+        parts = lse  # never written
+    else:  # n_parts rows of head_dim floats, then n_parts log2-sum-exps
+        parts = torch.empty(n_parts * (head_dim + 1), dtype=torch.float32, device=q.device)
     out_strides = out.stride()
     split(
         n_splits,
         batch * heads_kv,
-        (q, k, v, out_part, lse_part, out, lse, kpm),
+        (q, k, v, parts, out, lse, kpm),
         (scale * _LOG2E,),
         (
             *q.stride(),
@@ -302,15 +301,16 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
             seqlen_k,
             split_len,
             n_splits,
+            n_parts,
         ),
     )
     if n_splits > 1:
         _combine_launcher(head_dim, n_splits)(
             seqlen_q,
             batch * heads_q,
-            (out_part, lse_part, out, lse),
+            (parts, out, lse),
             (),
-            (*out_strides, heads_q, seqlen_q, n_splits),
+            (*out_strides, heads_q, seqlen_q, n_splits, n_parts),
         )
 
 

@@ -99,7 +99,13 @@ def _attentions_requested(kwargs: Mapping[str, object]) -> bool:
 def sliding_window(module: nn.Module, kwargs: Mapping[str, object]) -> int | None:
     """The call's sliding window: ``kwargs["sliding_window"]``, else ``module.sliding_window``."""
     window = kwargs.get("sliding_window")
-    return getattr(module, "sliding_window", None) if window is None else window
+    if window is None:
+        # Not getattr(module, name, None): a name the module lacks goes through
+        # nn.Module.__getattr__, which raises and catches (~1 us on every layer's call).
+        window = vars(module).get("sliding_window")
+        if window is None and hasattr(type(module), "sliding_window"):  # class attr, property
+            window = module.sliding_window
+    return window
 
 
 def unsupported_reason(

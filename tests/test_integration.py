@@ -636,6 +636,30 @@ def test_fallback_sliding_window_narrower_than_the_keys(device, fresh_warnings, 
     assert len(kernel_calls) == 2 and len(fallback_messages(fresh_warnings)) == 1
 
 
+def test_sliding_window_read_from_kwargs_instance_class_or_property():
+    """Where models keep their window: the call's kwargs first, else the module's attribute,
+    set on the instance, on its class, or computed by a property; None without one."""
+
+    class Plain(torch.nn.Module):
+        pass
+
+    class OnClass(torch.nn.Module):
+        sliding_window = 8
+
+    class ByProperty(torch.nn.Module):
+        @property
+        def sliding_window(self):
+            return 9
+
+    on_instance = Plain()
+    on_instance.sliding_window = 7
+    assert support.sliding_window(Plain(), {}) is None
+    assert support.sliding_window(on_instance, {}) == 7
+    assert support.sliding_window(OnClass(), {}) == 8
+    assert support.sliding_window(ByProperty(), {}) == 9
+    assert support.sliding_window(OnClass(), {"sliding_window": 5}) == 5
+
+
 @pytest.mark.parametrize(
     "reason, kwargs",
     [

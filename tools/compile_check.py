@@ -60,8 +60,7 @@ def _signature(kernel, element: str, constexprs: dict) -> dict:
         "LSE": "*fp32",
         "DLSE": "*fp32",
         "Delta": "*fp32",
-        "LsePart": "*fp32",
-        "OutPart": "*fp32",
+        "Parts": "*fp32",
     }
     data = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
     signature = {}

@@ -24,15 +24,14 @@ import triton.language as tl
 @triton.jit(
     do_not_specialize=[
         "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_kpm_b",
-        "seqlen_k", "split_len", "n_splits",
+        "seqlen_k", "split_len", "n_splits", "n_parts",
     ]
 )  # fmt: skip
 def attn_decode_split_kernel(
     Q,
     K,
     V,
-    OutPart,
-    LsePart,
+    Parts,
     Out,
     LSE,
     KPM,
@@ -59,6 +58,7 @@ def attn_decode_split_kernel(
     seqlen_k,
     split_len,
     n_splits,
+    n_parts,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -159,20 +159,20 @@ def attn_decode_split_kernel(
             mask=row_ok[:, None] & d_mask[None, :],
         )
     else:
-        # partials are (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats
+        # partials: (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats, then their
+        # log2-sum-exps (one buffer: one allocation per call, host time in decoding)
         part = (bh_q * n_splits + split) * seqlen_q + qi
-        tl.store(LsePart + part, lse2, mask=row_ok)
+        tl.store(Parts + n_parts.to(tl.int64) * HEAD_DIM + part, lse2, mask=row_ok)
         tl.store(
-            OutPart + part[:, None] * HEAD_DIM + offs_d[None, :],
+            Parts + part[:, None] * HEAD_DIM + offs_d[None, :],
             acc,
             mask=row_ok[:, None] & d_mask[None, :],
         )
 
 
-@triton.jit(do_not_specialize=["n_splits"])
+@triton.jit(do_not_specialize=["n_splits", "n_parts"])
 def attn_decode_combine_kernel(
-    OutPart,
-    LsePart,
+    Parts,
     Out,
     LSE,
     stride_ob,
@@ -182,6 +182,7 @@ def attn_decode_combine_kernel(
     num_heads_q,
     seqlen_q,
     n_splits,
+    n_parts,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -198,13 +199,13 @@ def attn_decode_combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     part = (bh * n_splits + splits) * seqlen_q + qi
-    lse2 = tl.load(LsePart + part, mask=s_ok, other=float("-inf"))
+    lse2 = tl.load(Parts + n_parts.to(tl.int64) * HEAD_DIM + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse2, 0)
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse2 - m_sub)
     total = tl.sum(w, 0)
     o = tl.load(
-        OutPart + part[:, None] * HEAD_DIM + offs_d[None, :],
+        Parts + part[:, None] * HEAD_DIM + offs_d[None, :],
         mask=s_ok[:, None] & d_mask[None, :],
         other=0.0,
     )
