@@ -69,6 +69,7 @@ def attn_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_ALIGNED: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
 ):
     if KV_ALIGNED:
         stride_kb = stride_kb * 16
@@ -147,7 +148,7 @@ def attn_decode_split_kernel(
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     bh_q = b * num_heads_kv * GROUP + head  # each row's (batch, query head)
-    if n_splits == 1:  # the slice is every key: what the combine kernel would write
+    if ONE_SPLIT:  # the slice is every key: what the combine kernel would write
         tl.store(LSE + bh_q * seqlen_q + qi, lse2 * 0.6931471805599453, mask=row_ok)
         tl.store(
             Out
