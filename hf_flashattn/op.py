@@ -117,15 +117,12 @@ def _launcher(name: str, key: tuple) -> _Launcher:
 def _decode_launcher(key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, one_split = key
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned = key
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
-        # ONE_SPLIT a constexpr, not a runtime branch on n_splits: with both epilogues in one
-        # binary ptxas took 142 registers instead of 128 (D128), 3 programs an SM instead of 4,
-        # and a (64, 8:32 heads, 4096 keys) step ran 20% slower (H200)
-        constexprs.update(KV_ALIGNED=kv_aligned, ONE_SPLIT=one_split)
+        constexprs["KV_ALIGNED"] = kv_aligned
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
             attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
         )
@@ -276,21 +273,17 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
     if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
         kv_outer = tuple(s // 16 for s in kv_outer)
     k_outer, v_outer = kv_outer[:2], kv_outer[2:]
-    key = (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
-    split = _decode_launcher((*key, False))
+    split = _decode_launcher(
+        (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
+    )
     n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
-    n_parts = batch * heads_q * n_splits * seqlen_q  # the slices' partial rows
-    if n_splits == 1:  # the split kernel writes out and lse itself: nothing to merge
-        # (one slice from key 0 covering every key: right whatever that kernel's key step)
-        split = _decode_launcher((*key, True))
-        parts = lse  # never written
-    else:  # n_parts rows of head_dim floats, then n_parts log2-sum-exps
-        parts = torch.empty(n_parts * (head_dim + 1), dtype=torch.float32, device=q.device)
-    out_strides = out.stride()
+    # n_parts partial rows of head_dim floats, then their n_parts log2-sum-exps
+    n_parts = batch * heads_q * n_splits * seqlen_q
+    parts = torch.empty(n_parts * (head_dim + 1), dtype=torch.float32, device=q.device)
     split(
         n_splits,
         batch * heads_kv,
-        (q, k, v, parts, out, lse, kpm),
+        (q, k, v, parts, kpm),
         (scale * _LOG2E,),
         (
             *q.stride(),
@@ -299,7 +292,6 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
             *v_outer,
             *v.stride()[2:],
             kpm.stride(0) if has_kpm else 0,
-            *out_strides,
             heads_kv,
             seqlen_q,
             seqlen_k,
@@ -308,14 +300,13 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
             n_parts,
         ),
     )
-    if n_splits > 1:
-        _combine_launcher(head_dim, n_splits)(
-            seqlen_q,
-            batch * heads_q,
-            (parts, out, lse),
-            (),
-            (*out_strides, heads_q, seqlen_q, n_splits, n_parts),
-        )
+    _combine_launcher(head_dim, n_splits)(
+        seqlen_q,
+        batch * heads_q,
+        (parts, out, lse),
+        (),
+        (*out.stride(), heads_q, seqlen_q, n_splits, n_parts),
+    )
 
 
 @_on_device

@@ -145,7 +145,7 @@ def specialisations() -> list[tuple]:
                 label = f"{short} {dtype} D{head_dim} {label}"
                 out.append((name, label, element, {**base, **chosen}, run))
         cfg = configs.decode_config(head_dim, 16, False)
-        for causal, kpm, aligned, one in ((False, False, True, False), (True, True, False, True)):
+        for causal, kpm, aligned in ((False, False, True), (True, True, False)):
             decode = dict(
                 common,
                 BLOCK_M=cfg.block_m,
@@ -153,11 +153,9 @@ def specialisations() -> list[tuple]:
                 IS_CAUSAL=causal,
                 HAS_KPM=kpm,
                 KV_ALIGNED=aligned,
-                ONE_SPLIT=one,
             )
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             label = f"decode {dtype} D{head_dim} causal={causal} kpm={kpm} aligned={aligned}"
-            label += f" one_split={one}"
             out.append(("attn_decode_split_kernel", label, element, decode, run))
         combine = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), BLOCK_S=8)
         out.append(

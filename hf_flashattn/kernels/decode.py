@@ -7,8 +7,6 @@ one (batch, K/V head) and one slice of the keys, with every query row of the gro
 the rows of one tile (row r: query head ``r // seqlen_q`` of the group, query ``r % seqlen_q``),
 so each K/V block is loaded once for the whole group. Each program writes its slice's output,
 normalised, and its log-sum-exp; the combine kernel merges the slices exactly through them.
-With one slice (batch x K/V heads already fill the GPU) the program's result is the answer: it
-writes the output and log-sum-exp itself, and the host launches no merge.
 Masks as in the main forward: key padding, bottom-right causal alignment, the sequence end.
 """
 
@@ -32,8 +30,6 @@ def attn_decode_split_kernel(
     K,
     V,
     Parts,
-    Out,
-    LSE,
     KPM,
     qk_scale,
     stride_qb,
@@ -49,10 +45,6 @@ def attn_decode_split_kernel(
     stride_vn,
     stride_vd,
     stride_kpm_b,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
     num_heads_kv,
     seqlen_q,
     seqlen_k,
@@ -69,7 +61,6 @@ def attn_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_ALIGNED: tl.constexpr,
-    ONE_SPLIT: tl.constexpr,
 ):
     if KV_ALIGNED:
         stride_kb = stride_kb * 16
@@ -147,28 +138,15 @@ def attn_decode_split_kernel(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    bh_q = b * num_heads_kv * GROUP + head  # each row's (batch, query head)
-    if ONE_SPLIT:  # the slice is every key: what the combine kernel would write
-        tl.store(LSE + bh_q * seqlen_q + qi, lse2 * 0.6931471805599453, mask=row_ok)
-        tl.store(
-            Out
-            + b * stride_ob
-            + head[:, None] * stride_oh
-            + qi[:, None] * stride_om
-            + offs_d[None, :] * stride_od,
-            acc.to(Out.dtype.element_ty),
-            mask=row_ok[:, None] & d_mask[None, :],
-        )
-    else:
-        # partials: (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats, then their
-        # log2-sum-exps (one buffer: one allocation per call, host time in decoding)
-        part = (bh_q * n_splits + split) * seqlen_q + qi
-        tl.store(Parts + n_parts.to(tl.int64) * HEAD_DIM + part, lse2, mask=row_ok)
-        tl.store(
-            Parts + part[:, None] * HEAD_DIM + offs_d[None, :],
-            acc,
-            mask=row_ok[:, None] & d_mask[None, :],
-        )
+    # partials: (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats, then their
+    # log2-sum-exps (one buffer: one allocation per call, host time in decoding)
+    part = ((b * num_heads_kv * GROUP + head) * n_splits + split) * seqlen_q + qi
+    tl.store(Parts + n_parts.to(tl.int64) * HEAD_DIM + part, lse2, mask=row_ok)
+    tl.store(
+        Parts + part[:, None] * HEAD_DIM + offs_d[None, :],
+        acc,
+        mask=row_ok[:, None] & d_mask[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=["n_splits", "n_parts"])
