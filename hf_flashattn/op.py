@@ -268,11 +268,11 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
     group = heads_q // heads_kv
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
-    kv_outer = (*k.stride()[:2], *v.stride()[:2])  # batch and head strides of k, v
-    kv_aligned = all(s % 16 == 0 for s in kv_outer)
+    kb, kh, kn, kd = k.stride()
+    vb, vh, vn, vd = v.stride()
+    kv_aligned = not (kb | kh | vb | vh) & 15  # batch and head strides all divisible by 16
     if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
-        kv_outer = tuple(s // 16 for s in kv_outer)
-    k_outer, v_outer = kv_outer[:2], kv_outer[2:]
+        kb, kh, vb, vh = kb >> 4, kh >> 4, vb >> 4, vh >> 4
     split = _decode_launcher(
         (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
     )
@@ -287,10 +287,14 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
         (scale * _LOG2E,),
         (
             *q.stride(),
-            *k_outer,
-            *k.stride()[2:],
-            *v_outer,
-            *v.stride()[2:],
+            kb,
+            kh,
+            kn,
+            kd,
+            vb,
+            vh,
+            vn,
+            vd,
             kpm.stride(0) if has_kpm else 0,
             heads_kv,
             seqlen_q,
