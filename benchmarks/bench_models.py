@@ -1,7 +1,7 @@
 """Model level: train-step and decoding throughput of HF models per attn_implementation, as
 BENCHMARKS.md asks: a LLaMA-style 0.5B (batch 4 x 2048, full rows and right-padded rows of
-uneven lengths) and GPT-2 small (batch 8 x 1024), random init, bf16 weights, AdamW; greedy
-decoding of the LLaMA-style model with a KV cache.
+uneven lengths), GPT-2 small (batch 8 x 1024) and a 4-layer Llama-3-8B-shaped model (1 x 8192),
+random init, bf16 weights, AdamW; greedy decoding of the LLaMA-style model with a KV cache.
 
     python benchmarks/bench_models.py                        # everything (see --help)
     python benchmarks/bench_models.py --parts train --models gpt2 --impls sdpa triton_attention
@@ -74,6 +74,24 @@ MODELS = {
     ),
     # GPT-2 small (124M) with its default dropout 0.1, which every implementation applies.
     "gpt2": ModelSpec(config={}, config_class="GPT2Config", batch=8, seq_len=1024),
+    # Llama-3-8B's layer shapes (32:8 heads, D 128, MLP 14336, its 128k vocabulary) with 4
+    # layers, one row of 8192 tokens: the long-sequence step issue 9 asks to report (~1.9B
+    # parameters, most in the embeddings; ~25 GiB with AdamW).
+    "llama3_8b_4l": ModelSpec(
+        config=dict(
+            hidden_size=4096,
+            num_hidden_layers=4,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+        config_class="LlamaConfig",
+        batch=1,
+        seq_len=8192,
+    ),
 }
 DECODE_MODEL = "llama"
 
