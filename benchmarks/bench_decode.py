@@ -8,7 +8,9 @@ bandwidth limit: K and V bytes read over the measured copy bandwidth. Needs a GP
 Shapes: batch {1, 16, 64} x keys {4k, 32k, 128k} x queries {1, 4, 16} x GQA {1, 4, 8} (32
 query heads, D 128, bf16, every query seeing every key), fewer with --quick; a shape whose
 cache passes --max-gib is left out. The JSON carries "environment", per shape ms for ours and
-sdpa and "limit_ms", and "ratios_vs_sdpa": {"decode/<case>/fwd": sdpa_ms / our_ms}.
+sdpa (the call, by do_bench: host-bound at small shapes) and "kernel_ms" (the GPU time of the
+kernels the call launches, by torch.profiler), "limit_ms", and "ratios_vs_sdpa":
+{"decode/<case>/fwd": sdpa_ms / our_ms, "decode/<case>/fwd/kernel": the same of kernel_ms}.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from common import (
     environment,
     error_string,
     jsonable,
+    kernel_ms,
     measure_ceilings,
     write_json,
 )
@@ -59,7 +62,8 @@ def bench_shape(batch, seq_k, seq_q, group, impls, copy_tbps) -> dict:
     with torch.no_grad():
         for name, attn in impls.items():
             try:
-                result["impls"][name] = {"ms": bench_ms(partial(attn, module, q, k, v, **kw))}
+                call = partial(attn, module, q, k, v, **kw)
+                result["impls"][name] = {"ms": bench_ms(call), "kernel_ms": kernel_ms(call)}
             except Exception as exc:
                 result["impls"][name] = {"error": error_string(exc)}
     result["limit_ms"] = 2 * k.numel() * k.element_size() / (copy_tbps * 1e12) * 1e3
@@ -85,14 +89,16 @@ def main(argv=None) -> int:
         if cache_gib > args.max_gib:
             continue
         r = data["results"][case] = bench_shape(batch, seq_k, seq_q, group, impls, copy_tbps)
-        ours, sdpa = r["impls"]["ours"].get("ms"), r["impls"]["sdpa"].get("ms")
-        if ours and sdpa:
-            data["ratios_vs_sdpa"][f"decode/{case}/fwd"] = sdpa / ours
-        print(
-            f"{case:24s} ours {ours or float('nan'):7.3f} ms  sdpa {sdpa or float('nan'):7.3f} ms"
-            f"  limit {r['limit_ms']:7.3f} ms",
-            flush=True,
+        ours, sdpa = r["impls"]["ours"], r["impls"]["sdpa"]
+        nan = float("nan")
+        for mode, key in (("fwd", "ms"), ("fwd/kernel", "kernel_ms")):
+            if ours.get(key) and sdpa.get(key):
+                data["ratios_vs_sdpa"][f"decode/{case}/{mode}"] = sdpa[key] / ours[key]
+        times = "  ".join(
+            f"{name} {t.get('ms', nan):7.3f} ms (kernels {t.get('kernel_ms', nan):7.3f})"
+            for name, t in (("ours", ours), ("sdpa", sdpa))
         )
+        print(f"{case:24s} {times}  limit {r['limit_ms']:7.3f} ms", flush=True)
         write_json(out, jsonable(data))
         torch.cuda.empty_cache()
     print(f"wrote {out}")

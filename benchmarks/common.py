@@ -133,6 +133,29 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
 
 
+def kernel_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """GPU milliseconds of the kernels one call of ``fn`` launches (torch.profiler's device
+    time), without the host: where a call is host-bound, ``bench_ms`` times the host instead.
+    The L2 is flushed before each call as ``bench_ms`` does; the flushes' own device time,
+    profiled alone, is taken off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def device_us(run_fn: bool) -> float:
+        fn()  # compiled and cached before profiling
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                flush.zero_()
+                if run_fn:
+                    fn()
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in prof.key_averages())
+
+    return (device_us(True) - device_us(False)) / calls / 1e3
+
+
 def peak_gib(fn: Callable[[], object]) -> float:
     """Peak allocated GiB over one call of ``fn``, counting what was live before it (inputs)."""
     torch.cuda.synchronize()
