@@ -13,9 +13,10 @@ created as (batch, seq, heads, dim) and transposed, K/V heads unexpanded, no mas
 Per layer and mode (fwd, fwd+bwd): GPU time by ``do_bench`` (median, L2 flushed) and host
 time per call, the mean wall time of 200 calls issued without synchronising (``host_us``; once
 the GPU queue fills that is the GPU time, so ``host_us_20``, 20 calls after a sync, is reported
-too). "fwd" runs with autograd recording, as in a training step. The JSON (rewritten after each
-case) has "environment", "results" and "ratios_vs_sdpa": {"call/<case>/<mode>": sdpa_ms /
-our_ms} (> 1: we are faster), plus "call/<case>/<mode>/host" for the host times.
+too), and the GPU time of the call's kernels alone (``kernel_ms``, torch.profiler). "fwd" runs
+with autograd recording, as in a training step. The JSON (rewritten after each case) has
+"environment", "results" and "ratios_vs_sdpa": {"call/<case>/<mode>": sdpa_ms / our_ms} (> 1:
+we are faster), plus "call/<case>/<mode>/host" and ".../kernel" for the host and kernel times.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from common import bench_ms, default_out, environment, error_string, jsonable, write_json
+from common import (
+    bench_ms,
+    default_out,
+    environment,
+    error_string,
+    jsonable,
+    kernel_ms,
+    write_json,
+)
 from torch import nn
 
 DEVICE = "cuda"
@@ -163,6 +172,9 @@ def measure(fn) -> dict:
     result = {"ms": bench_ms(fn)}
     result["host_us"] = host_us(fn, HOST_CALLS)
     result["host_us_20"] = min(host_us(fn, 20) for _ in range(5))
+    # the GPU time of the call's kernels alone: where the host sets the pace (GPT-2's layer),
+    # ms above is the host's, and this says how far the kernels are from the peer's
+    result["kernel_ms"] = kernel_ms(fn)
     return result
 
 
@@ -201,23 +213,23 @@ def bench_layer(name: str, layer: Layer, impls: dict, modes) -> dict:
 
 
 def ratios_vs_sdpa(results: list[dict]) -> dict:
-    """{"call/<case>/<mode>": sdpa_ms / our_ms, "call/<case>/<mode>/host": the same of host_us}."""
+    """{"call/<case>/<mode>": sdpa_ms / our_ms, "call/<case>/<mode>/host" and
+    "call/<case>/<mode>/kernel": the same of host_us and kernel_ms}."""
     ratios = {}
     for r in results:
         ours, sdpa = r["impls"].get("ours", {}), r["impls"].get("sdpa", {})
         for mode in MODES:
             a, b = ours.get(mode, {}), sdpa.get(mode, {})
-            if a.get("ms") and b.get("ms"):
-                ratios[f"call/{r['case']}/{mode}"] = b["ms"] / a["ms"]
-            if a.get("host_us") and b.get("host_us"):
-                ratios[f"call/{r['case']}/{mode}/host"] = b["host_us"] / a["host_us"]
+            for suffix, key in (("", "ms"), ("/host", "host_us"), ("/kernel", "kernel_ms")):
+                if a.get(key) and b.get(key):
+                    ratios[f"call/{r['case']}/{mode}{suffix}"] = b[key] / a[key]
     return ratios
 
 
 def report(data: dict) -> str:
     lines = [
         f"{'case':34s} {'mode':8s} {'ours ms':>8s} {'sdpa ms':>8s} {'ratio':>6s} "
-        f"{'ours host us':>12s} {'sdpa host us':>12s}  (host_us_20)"
+        f"{'kernels':>7s} {'ours host us':>12s} {'sdpa host us':>12s}  (host_us_20)"
     ]
     for r in data["results"]:
         for mode in MODES:
@@ -226,9 +238,11 @@ def report(data: dict) -> str:
             if not o and not s:
                 continue
             ratio = data["ratios_vs_sdpa"].get(f"call/{r['case']}/{mode}")
+            kernels = data["ratios_vs_sdpa"].get(f"call/{r['case']}/{mode}/kernel")
             lines.append(
                 f"{r['case']:34s} {mode:8s} {o.get('ms', float('nan')):8.3f} "
                 f"{s.get('ms', float('nan')):8.3f} {ratio or float('nan'):6.2f} "
+                f"{kernels or float('nan'):7.2f} "
                 f"{o.get('host_us', float('nan')):12.1f} {s.get('host_us', float('nan')):12.1f}"
                 f"  ({o.get('host_us_20', float('nan')):.1f} / "
                 f"{s.get('host_us_20', float('nan')):.1f})"
