@@ -37,6 +37,15 @@ def test_packed_rows_match_each_sequence_alone(device, causal, dtype, heads_q, h
     _check(device, dtype, q, k, v, causal=causal, cu_seqlens=_cu(LENGTHS, device))
 
 
+def test_one_row_of_boundaries_serves_every_batch_row(device):
+    """(n + 1,) boundaries with batch > 1: every row is packed the same way (the kernels once
+    stepped past the one row of token bounds for the second batch row and read memory beyond
+    it: wrong sequences, or a crash under the interpreter)."""
+    lengths = [40, 1, 88]
+    q, k, v = _inputs(device, torch.float16, 3, 2, 2, sum(lengths), sum(lengths), 64)
+    _check(device, torch.float16, q, k, v, causal=True, cu_seqlens=_cu(lengths, device))
+
+
 def test_boundaries_per_batch_row_and_bshd_layout(device):
     """(batch, n + 1) boundaries, rows with different counts (the shorter repeats its end);
     the bshd layout; int64 boundaries."""
