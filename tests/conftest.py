@@ -46,3 +46,25 @@ def kernel_calls(monkeypatch) -> list[dict]:
     flash_attn = integration.flash_attn
     monkeypatch.setattr(integration, "flash_attn", spy)
     return calls
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch) -> None:
+    """Every tensor made by torch.empty / empty_like / empty_strided arrives full of poison
+    (NaN; the minimum for integers; True for bool), so an element a kernel leaves unwritten
+    shows, here and on the GPU alike (the CPU's allocator does not reliably hand back a
+    poisoned, freed block, so poisoning one first would test nothing there)."""
+
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            if t.is_floating_point():
+                return t.fill_(float("nan"))
+            if t.dtype == torch.bool:
+                return t.fill_(True)
+            return t.fill_(torch.iinfo(t.dtype).min)
+
+        return allocate_poisoned
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from attention_ref import assert_close_to_ref, attention_ref, max_err
 
-from hf_flashattn import flash_attn
+from hf_flashattn import flash_attn, op
 from hf_flashattn.op import _new_seed, dropout_keep_mask
 
 # fp32 on the GPU runs tf32x3 dots (fp32-accurate)
@@ -191,12 +191,31 @@ def test_scale(device, scale):
     _check(device, torch.float16, q, k, v, causal=False, scale=scale, key_padding_mask=mask)
 
 
-def test_every_output_written(device):
-    """Poisoned caches must not leak: outputs are fresh tensors written in full."""
-    q, k, v = (t.detach() for t in _inputs(device, torch.float16, 2, 2, 2, 129, 67, 80))
-    torch.empty(10_000_000, dtype=torch.float16, device=device).fill_(float("nan"))
-    out, lse = flash_attn(q, k, v, causal=True, return_lse=True)
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+@pytest.mark.parametrize("case", ["ragged", "padded queries", "packed", "decode slices", "dropout"])
+def test_every_output_written(device, case, poisoned_allocations, monkeypatch):
+    """Every allocation arrives full of NaN (the fixture): outputs, lse and gradients must be
+    written in full by each path: ragged blocks and a head dim in two chunks, padded query rows
+    (zeros, never computed), packed sequences, decoding's slices and their merge (rows with no
+    key to attend among them), dropout's three passes."""
+    kw = dict(causal=True)
+    if case == "decode slices":
+        monkeypatch.setattr(op, "_target_programs", lambda device: 1000)  # a slice per block
+        q, k, v = _inputs(device, torch.float16, 3, 8, 2, 2, 300, 64)
+        keys = torch.arange(300)
+        mask = torch.stack([keys >= 250, keys == 7, torch.zeros(300, dtype=torch.bool)])
+        kw.update(key_padding_mask=mask.to(device))
+    else:
+        q, k, v = _inputs(device, torch.float16, 2, 2, 2, 129, 129, 80)
+    if case == "padded queries":
+        kw.update(key_padding_mask=(torch.arange(129) < torch.tensor([[129], [70]])).to(device))
+    if case == "packed":
+        kw.update(cu_seqlens=torch.tensor([0, 40, 41, 129], device=device, dtype=torch.int32))
+    if case == "dropout":
+        out, lse = flash_attn(q, k, v, causal=True, dropout_p=0.2, return_lse=True)
+        grads = torch.autograd.grad((out.float().sum(), lse[lse.isfinite()].sum()), (q, k, v))
+        assert not any(t.isnan().any() for t in (out, lse, *grads))
+        return
+    _check(device, torch.float16, q, k, v, **kw)
 
 
 def test_gradients_deterministic(device):
