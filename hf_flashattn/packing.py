@@ -93,21 +93,25 @@ _last_bounds: tuple[weakref.ref, int, int, torch.Tensor] | None = None
 def segment_bounds(cu_seqlens, batch: int, seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
     """The kernels' token bounds (``token_bounds``) of ``cu_seqlens``, after every rule it must
     meet (errors name it), as (batch, 2, seqlen): one row of boundaries for every batch row is
-    broadcast (batch stride 0; the kernels step by the batch stride). Its values are read and
-    converted once per boundaries tensor, remembered by identity and version; while compiling
-    the values go unchecked (no host sync) and nothing is remembered, nor for inference
-    tensors (no version counter)."""
-    global _last_bounds
+    broadcast (batch stride 0; the kernels step by the batch stride)."""
     _check_layout(cu_seqlens, batch, seqlen_q, seqlen_k, device)
+    return _checked_bounds(cu_seqlens, seqlen_q).expand(batch, -1, -1)
+
+
+def _checked_bounds(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """``token_bounds`` after the value rules. Read and converted once per boundaries tensor,
+    remembered by identity and version; while compiling the values go unchecked (no host sync)
+    and nothing is remembered, nor for inference tensors (no version counter)."""
+    global _last_bounds
     if torch.compiler.is_compiling():
-        return token_bounds(cu_seqlens, seqlen_q).expand(batch, -1, -1)
+        return token_bounds(cu_seqlens, seqlen)
     remember = not cu_seqlens.is_inference()
     memo = _last_bounds
     if remember and memo is not None and memo[0]() is cu_seqlens:
-        if memo[1:3] == (cu_seqlens._version, seqlen_q):
-            return memo[3].expand(batch, -1, -1)
-    _check_values(cu_seqlens, seqlen_q)
-    bounds = token_bounds(cu_seqlens, seqlen_q)
+        if memo[1:3] == (cu_seqlens._version, seqlen):
+            return memo[3]
+    _check_values(cu_seqlens, seqlen)
+    bounds = token_bounds(cu_seqlens, seqlen)
     if remember:
-        _last_bounds = (weakref.ref(cu_seqlens), cu_seqlens._version, seqlen_q, bounds)
-    return bounds.expand(batch, -1, -1)
+        _last_bounds = (weakref.ref(cu_seqlens), cu_seqlens._version, seqlen, bounds)
+    return bounds
