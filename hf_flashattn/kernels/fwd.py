@@ -178,6 +178,19 @@ def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPO
 
 
 @triton.jit
+def _load_kv_tile(ptrs, cols, seqlen_k, col_mask, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """One K or V tile (one head-dim chunk) of the forward's key loop: the key rows checked
+    only in MASKED blocks, columns past the head dim read as zeros."""
+    if MASKED:
+        tile = tl.load(ptrs, mask=(cols[:, None] < seqlen_k) & col_mask[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=col_mask[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc,
     acc1,
@@ -228,28 +241,10 @@ def _attn_fwd_inner(
         # 64-bit: start_n * stride_kn passes 2^31 once one batch element spans 2^31 elements
         k_off = start_n.to(tl.int64) * stride_kn
         v_off = start_n.to(tl.int64) * stride_vn
-        if MASKED:
-            k = tl.load(
-                k_ptrs + k_off,
-                mask=(cols[:, None] < seqlen_k) & d_mask[None, :],
-                other=0.0,
-            )
-        else:
-            k = tl.load(k_ptrs + k_off, mask=d_mask[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = _load_kv_tile(k_ptrs + k_off, cols, seqlen_k, d_mask, MASKED, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SPLIT_D:  # the head dim's second chunk (configs.head_dim_chunks)
-            if MASKED:
-                k1 = tl.load(
-                    k1_ptrs + k_off,
-                    mask=(cols[:, None] < seqlen_k) & d1_mask[None, :],
-                    other=0.0,
-                )
-            else:
-                k1 = tl.load(k1_ptrs + k_off, mask=d1_mask[None, :], other=0.0)
-            if UPCAST:
-                k1 = k1.to(tl.float32)
+            k1 = _load_kv_tile(k1_ptrs + k_off, cols, seqlen_k, d1_mask, MASKED, UPCAST)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
         # Unmasked blocks (most of them) scale inside the exponent, one FMA an element, and
         # max(S) * scale is the scaled max when the scale is positive. Masked blocks scale
@@ -286,28 +281,10 @@ def _attn_fwd_inner(
             # kept probabilities unscaled: the 1 / (1 - dropout_p) multiplies the output once
             keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
             p = tl.where(keep, p, 0.0)
-        if MASKED:
-            v = tl.load(
-                v_ptrs + v_off,
-                mask=(cols[:, None] < seqlen_k) & d_mask[None, :],
-                other=0.0,
-            )
-        else:
-            v = tl.load(v_ptrs + v_off, mask=d_mask[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = _load_kv_tile(v_ptrs + v_off, cols, seqlen_k, d_mask, MASKED, UPCAST)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         if SPLIT_D:
-            if MASKED:
-                v1 = tl.load(
-                    v1_ptrs + v_off,
-                    mask=(cols[:, None] < seqlen_k) & d1_mask[None, :],
-                    other=0.0,
-                )
-            else:
-                v1 = tl.load(v1_ptrs + v_off, mask=d1_mask[None, :], other=0.0)
-            if UPCAST:
-                v1 = v1.to(tl.float32)
+            v1 = _load_kv_tile(v1_ptrs + v_off, cols, seqlen_k, d1_mask, MASKED, UPCAST)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, acc1, l_i, m_i
