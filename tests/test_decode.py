@@ -51,7 +51,8 @@ def merges(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize(
     "heads_q,heads_kv,seqlen_q",
-    [(4, 4, 1), (8, 2, 1), (8, 1, 3), (16, 2, 4)],  # MHA, GQA 4, MQA 8, GQA 8 x 4 queries
+    # MHA, GQA 4, MQA 8, GQA 8 x 4 queries, GQA 8 x 16 queries (128 rows: the largest tile)
+    [(4, 4, 1), (8, 2, 1), (8, 1, 3), (16, 2, 4), (16, 2, 16)],
 )
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("programs", [1, 1000])
@@ -82,14 +83,17 @@ def test_split_kv_padding(device, splits, split_calls):
 
 
 def test_split_kv_serves_few_rows_and_the_main_forward_the_rest(device, split_calls):
-    """Decoding (GQA group x queries <= 64 rows per K/V head) takes the split-KV kernels;
-    chunked prefill and dropout take the main forward."""
-    q, k, v = (t.detach() for t in _inputs(device, torch.float16, 1, 8, 2, 16, 200, 64))
-    flash_attn(q, k, v, causal=True)  # 4 x 16 = 64 rows
+    """Decoding (GQA group x queries <= 128 rows per K/V head; 64 past head_dim 128) takes the
+    split-KV kernels; chunked prefill and dropout take the main forward."""
+    q, k, v = (t.detach() for t in _inputs(device, torch.float16, 1, 8, 2, 32, 200, 64))
+    flash_attn(q, k, v, causal=True)  # 4 x 32 = 128 rows
     assert len(split_calls) == 1
-    q17 = torch.randn(1, 8, 17, 64, device=device, dtype=torch.float16)
-    flash_attn(q17, k, v, causal=True)  # 68 rows
+    q33 = torch.randn(1, 8, 33, 64, device=device, dtype=torch.float16)
+    flash_attn(q33, k, v, causal=True)  # 132 rows
     flash_attn(q[:, :, :1], k, v, dropout_p=0.1)
+    assert len(split_calls) == 1
+    q, k, v = (t.detach() for t in _inputs(device, torch.float16, 1, 8, 2, 17, 200, 256))
+    flash_attn(q, k, v, causal=True)  # 68 rows at head_dim 256
     assert len(split_calls) == 1
 
 

@@ -144,8 +144,10 @@ def specialisations() -> list[tuple]:
                 run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 label = f"{short} {dtype} D{head_dim} {label}"
                 out.append((name, label, element, {**base, **chosen}, run))
-        cfg = configs.decode_config(head_dim, 16, False)
-        for causal, kpm, aligned in ((False, False, True), (True, True, False)):
+        for rows, causal, kpm, aligned in ((16, False, False, True), (128, True, True, False)):
+            if rows > 64 and head_dim > 128:  # op.MAX_DECODE_ROWS: 64 rows past head_dim 128
+                rows = 64
+            cfg = configs.decode_config(head_dim, rows, False)
             decode = dict(
                 common,
                 BLOCK_M=cfg.block_m,
@@ -155,7 +157,8 @@ def specialisations() -> list[tuple]:
                 KV_ALIGNED=aligned,
             )
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            label = f"decode {dtype} D{head_dim} causal={causal} kpm={kpm} aligned={aligned}"
+            label = f"decode {dtype} D{head_dim} rows={rows} causal={causal} kpm={kpm}"
+            label += f" aligned={aligned}"
             out.append(("attn_decode_split_kernel", label, element, decode, run))
         combine = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), BLOCK_S=8)
         out.append(

@@ -117,9 +117,12 @@ def bwd_dq_config(head_dim: int, interpreting: bool) -> KernelConfig:
 
 
 def decode_config(head_dim: int, rows: int, interpreting: bool) -> KernelConfig:
-    """The split-KV kernel's config for ``rows`` packed query rows (at most 64)."""
+    """The split-KV kernel's config for ``rows`` packed query rows (at most 128)."""
     cfg = _INTERPRETER if interpreting else _pick(_DECODE_GPU, head_dim)
-    return replace(cfg, block_m=max(16, triton.next_power_of_2(rows)), fixed_m=True)
+    block_m = max(16, triton.next_power_of_2(rows))
+    if block_m > 64 and not interpreting:  # the main forward's warps for a 128-row tile
+        cfg = replace(cfg, num_warps=8)
+    return replace(cfg, block_m=block_m, fixed_m=True)
 
 
 def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
