@@ -30,6 +30,7 @@ from .kernels.configs import (
     decode_config,
     fwd_config,
     head_dim_constexprs,
+    max_decode_rows,
 )
 from .kernels.decode import attn_decode_combine_kernel, attn_decode_split_kernel
 from .kernels.fwd import attn_fwd_kernel, dropout_mask_kernel
@@ -39,12 +40,6 @@ from .packing import segment_bounds
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 LAYOUTS = ("bhsd", "bshd")
-# Forwards with at most this many query rows per K/V head (GQA group x queries: decoding, short
-# chunks, speculative verification) take the split-KV kernels; more rows fill the GPU through
-# the main forward. 128 rows: 16 queries of a GQA-8 model ran 3-8x faster split (one K/V read
-# for the group) than through the main forward (each query head re-reads K/V; H200,
-# bench_decode). Head dims past 128 stop at half: a 128-row float32 accumulator would spill.
-MAX_DECODE_ROWS = 128
 _LOG2E = 1.4426950408889634
 # The dropout seed is a Philox key (64 bits); keep it a non-negative int64.
 _SEED_HIGH = 2**62
@@ -234,8 +229,9 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     has_seg = segments is not None
     group = heads_q // heads_kv
     pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
-    max_rows = MAX_DECODE_ROWS if head_dim <= 128 else MAX_DECODE_ROWS // 2
-    if dropout_p == 0.0 and not has_seg and not pad_q and group * seqlen_q <= max_rows:
+    # decoding, short chunks, speculative verification: few query rows per K/V head
+    few_rows = group * seqlen_q <= max_decode_rows(head_dim)
+    if dropout_p == 0.0 and not has_seg and not pad_q and few_rows:
         _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)

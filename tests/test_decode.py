@@ -102,7 +102,7 @@ def test_split_kv_equals_the_main_forward(device, monkeypatch):
     q, k, v = (t.detach() for t in _inputs(device, torch.float32, 2, 8, 2, 3, 257, 80))
     mask = (torch.arange(257) >= 30).expand(2, 257).to(device)
     split_out, split_lse = flash_attn(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
-    monkeypatch.setattr(op, "MAX_DECODE_ROWS", 0)
+    monkeypatch.setattr(op, "max_decode_rows", lambda head_dim: 0)
     main_out, main_lse = flash_attn(q, k, v, causal=True, key_padding_mask=mask, return_lse=True)
     torch.testing.assert_close(split_out, main_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(split_lse, main_lse, atol=1e-5, rtol=1e-5)

@@ -144,9 +144,8 @@ def specialisations() -> list[tuple]:
                 run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 label = f"{short} {dtype} D{head_dim} {label}"
                 out.append((name, label, element, {**base, **chosen}, run))
-        for rows, causal, kpm, aligned in ((16, False, False, True), (128, True, True, False)):
-            if rows > 64 and head_dim > 128:  # op.MAX_DECODE_ROWS: 64 rows past head_dim 128
-                rows = 64
+        most = configs.max_decode_rows(head_dim)
+        for rows, causal, kpm, aligned in ((16, False, False, True), (most, True, True, False)):
             cfg = configs.decode_config(head_dim, rows, False)
             decode = dict(
                 common,

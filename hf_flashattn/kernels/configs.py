@@ -116,8 +116,18 @@ def bwd_dq_config(head_dim: int, interpreting: bool) -> KernelConfig:
     return _INTERPRETER if interpreting else _pick(_BWD_DQ_GPU, head_dim)
 
 
+def max_decode_rows(head_dim: int) -> int:
+    """The most query rows per K/V head (GQA group x queries) the split-KV kernel packs into
+    one tile; forwards with more take the main forward, which fills the GPU with query blocks.
+    128: 16 queries of a GQA-8 model ran 2.4-9.7x faster split (the group's K/V read once)
+    than through the main forward (each query head re-reads it; H200, batch 1-64 x 4k-32k keys,
+    benchmarks/NOTES.md ninth session). 64 past head_dim 128, where a 128-row float32
+    accumulator would spill."""
+    return 128 if head_dim <= 128 else 64
+
+
 def decode_config(head_dim: int, rows: int, interpreting: bool) -> KernelConfig:
-    """The split-KV kernel's config for ``rows`` packed query rows (at most 128)."""
+    """The split-KV kernel's config for ``rows`` packed query rows (``max_decode_rows``)."""
     cfg = _INTERPRETER if interpreting else _pick(_DECODE_GPU, head_dim)
     block_m = max(16, triton.next_power_of_2(rows))
     if block_m > 64 and not interpreting:  # the main forward's warps for a 128-row tile
