@@ -130,9 +130,9 @@ def decode_config(head_dim: int, rows: int, interpreting: bool) -> KernelConfig:
     """The split-KV kernel's config for ``rows`` packed query rows (``max_decode_rows``)."""
     cfg = _INTERPRETER if interpreting else _pick(_DECODE_GPU, head_dim)
     block_m = max(16, triton.next_power_of_2(rows))
-    if block_m > 64 and not interpreting:  # the main forward's warps for a 128-row tile
-        cfg = replace(cfg, num_warps=8)
-    return replace(cfg, block_m=block_m, fixed_m=True)
+    # a 128-row tile takes the main forward's 8 warps (the interpreter ignores warps)
+    warps = 8 if block_m > 64 else cfg.num_warps
+    return replace(cfg, block_m=block_m, num_warps=warps, fixed_m=True)
 
 
 def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
