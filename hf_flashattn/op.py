@@ -96,10 +96,10 @@ _OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE"}
 def _launcher(name: str, key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get((name, key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, own = key
+        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, window, own = key
         kernel, table, grid_block = _KERNELS[name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
-        constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q)
+        constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q, HAS_WINDOW=window)
         # the head dim in one or two power-of-two chunks (the decode kernel pads it instead:
         # it reads K/V once, its dots are not what it waits on)
         constexprs.update(head_dim_constexprs(head_dim))
@@ -115,12 +115,12 @@ def _launcher(name: str, key: tuple) -> _Launcher:
 def _decode_launcher(key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned = key
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window = key
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
-        constexprs["KV_ALIGNED"] = kv_aligned
+        constexprs.update(KV_ALIGNED=kv_aligned, HAS_WINDOW=window)
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
             attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
         )
@@ -206,10 +206,11 @@ def _pads_queries(has_kpm: bool, causal: bool, seqlen_q: int, seqlen_k: int) -> 
 
 # ---------------------------------------------------------------------------- launch functions
 @_on_device
-def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed):
+def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window):
     """Launch the forward. q (batch, heads_q, seq_q, dim), k/v (batch, heads_kv, seq_k, dim),
     last dim dense; segments: packed sequences' token bounds (``_segment_bounds``), or None;
-    seed: (1,) int64 on q's device, or None without dropout.
+    seed: (1,) int64 on q's device, or None without dropout; window: the causal sliding
+    window (query i sees keys j > i + seq_k - seq_q - window), 0 for none.
     Returns out (batch, heads_q, seq_q, dim) stored as (batch, seq, heads, dim), and lse
     (batch, heads_q, seq_q) float32."""
     batch, heads_q, seqlen_q, head_dim = q.shape
@@ -232,11 +233,12 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     # decoding, short chunks, speculative verification: few query rows per K/V head
     few_rows = group * seqlen_q <= max_decode_rows(head_dim)
     if dropout_p == 0.0 and not has_seg and not pad_q and few_rows:
-        _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale)
+        _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale, window)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, pad_q, scale > 0)
+    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0)
+    key = (q.dtype, head_dim, group, causal, *flags, scale > 0)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
@@ -252,6 +254,7 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
             heads_q,
             seqlen_q,
             seqlen_k,
+            window,
         ),
     )
     if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
@@ -259,10 +262,18 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     return out, lse
 
 
-def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> None:
+def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window) -> None:
     """Few query rows against many keys (decoding): the keys split over programs so the GPU
     fills, the query heads of a GQA group packed into one tile, the slices merged through their
-    log-sum-exps (kernels/decode.py). Writes ``out`` and ``lse`` like the main forward."""
+    log-sum-exps (kernels/decode.py). Writes ``out`` and ``lse`` like the main forward. With a
+    sliding window only the keys some query sees are read: the cache's tail, whose bottom-right
+    alignment is the whole cache's."""
+    if window:
+        first = k.shape[2] - q.shape[2] - window + 1
+        if first > 0:
+            k, v = k[:, :, first:], v[:, :, first:]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, first:]
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -274,7 +285,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
     if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
         kb, kh, vb, vh = kb >> 4, kh >> 4, vb >> 4, vh >> 4
     split = _decode_launcher(
-        (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned)
+        (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned, window > 0)
     )
     n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
     # n_parts partial rows of head_dim floats, then their n_parts log2-sum-exps
@@ -302,6 +313,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
             split_len,
             n_splits,
             n_parts,
+            window,
         ),
     )
     _combine_launcher(head_dim, n_splits)(
@@ -315,8 +327,9 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale) -> Non
 
 @_on_device
 def _backward(
-    q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed
-):
+    q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed,
+    window,
+):  # fmt: skip
     """Launch the backward: the dQ pass (which also computes delta, with dlse folded in), then
     the dK/dV pass. dout like out, or None (only lse was used); dlse like lse, or None.
     Returns dq, dk, dv shaped and strided like q, k, v."""
@@ -343,7 +356,8 @@ def _backward(
     qk_scale = scale * _LOG2E
     group = heads_q // heads_kv
     pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
-    key = (q.dtype, head_dim, group, causal, has_kpm, has_seg, dropout_p > 0.0, pad_q, has_dlse)
+    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0)
+    key = (q.dtype, head_dim, group, causal, *flags, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,
@@ -361,6 +375,7 @@ def _backward(
             heads_q,
             seqlen_q,
             seqlen_k,
+            window,
         ),
     )
     _launcher("dkdv", key[:-1] + (False,))(
@@ -381,6 +396,7 @@ def _backward(
             heads_kv,
             seqlen_q,
             seqlen_k,
+            window,
         ),
     )
     if store != q.dtype:  # the interpreter's bf16
@@ -392,18 +408,19 @@ def _backward(
 # Shared by the eager Function and the custom op's autograd: what the forward saves, and how
 # the backward launch (``_backward`` eagerly, ``_bwd_op`` under torch.compile) uses it.
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed = inputs
+    q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segments, seed)
     ctx.args = (causal, scale, dropout_p)
+    ctx.window = window
 
 
 def _input_grads(launch_backward, ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask, segments, seed = ctx.saved_tensors
     dq, dk, dv = launch_backward(
-        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, *ctx.args, seed
+        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, *ctx.args, seed, ctx.window
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class _FlashAttn(torch.autograd.Function):
@@ -434,12 +451,13 @@ def _fwd_op(
     scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed)
+    return _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed):
+def _(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window):
     batch, heads_q, seqlen_q, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, heads_q, head_dim)).transpose(1, 2)
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
@@ -461,14 +479,19 @@ def _bwd_op(
     scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
+    window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(
-        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed
-    )
+        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed,
+        window,
+    )  # fmt: skip
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed):
+def _(
+    q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed,
+    window,
+):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -570,6 +593,7 @@ def flash_attn(
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     return_lse: bool = False,
     layout: str = "bhsd",
 ):
@@ -625,6 +649,11 @@ def flash_attn(
             every batch row alike or (batch_size, num_seqs + 1) per row (a row with fewer
             sequences repeats its last value). Non-decreasing, from 0 to seq_len. Not with
             key_padding_mask (padding is a sequence of its own there).
+        sliding_window: int >= 1, default None. With causal=True, query ``i`` sees only the
+            ``sliding_window`` keys ending at its own position: ``i + seq_k - seq_q -
+            sliding_window < j <= i + seq_k - seq_q`` (transformers' sliding-window layers:
+            Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``). Keys below every query's
+            window are not visited.
         return_lse: bool, default False. Also return the log-sum-exp of the scaled scores
             (differentiable: gradients through it reach q and k).
         layout: "bhsd" (default) or "bshd", the layout of q, k, v and of out.
@@ -637,6 +666,15 @@ def flash_attn(
             layouts, natural log; -inf for rows that attend to nothing.
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout)
+    window = 0
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise TypeError(f"sliding_window must be an int, got {type(sliding_window).__name__}")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        if not causal:
+            raise ValueError("sliding_window needs causal=True (a window ending at each query)")
+        window = sliding_window
     segments = None
     if cu_seqlens is not None:
         if key_padding_mask is not None:
@@ -659,7 +697,7 @@ def flash_attn(
         key_padding_mask = key_padding_mask.contiguous()
     causal, dropout_p = bool(causal), float(dropout_p)
     seed = _new_seed(q.device) if dropout_p > 0.0 else None
-    args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed)
+    args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window)
     if torch.compiler.is_compiling():
         out, lse = _fwd_op(*args)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -22,12 +22,14 @@ def attention_ref(
     scale=None,
     key_padding_mask=None,
     cu_seqlens=None,
+    sliding_window=None,
     dropout_keep=None,
     dropout_p=0.0,
     upcast=True,
 ):
     """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None;
-    cu_seqlens (n + 1,) or (b, n + 1): packed sequences, each attending only within itself."""
+    cu_seqlens (n + 1,) or (b, n + 1): packed sequences, each attending only within itself;
+    sliding_window: query i sees keys j > i + sk - sq - sliding_window too."""
     dtype_out = q.dtype
     if upcast:
         # float64 wherever affordable; float32 on the GPU is enough for 16-bit inputs
@@ -39,7 +41,7 @@ def attention_ref(
     v = v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-1, -2)
-    visible = _visible(q, k, causal, key_padding_mask, cu_seqlens)
+    visible = _visible(q, k, causal, key_padding_mask, cu_seqlens, sliding_window)
     empty_row = ~visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty_row, 0.0)
     probs = torch.softmax(scores.float() if not upcast else scores, dim=-1).to(scores.dtype)
@@ -69,12 +71,14 @@ def sdpa_lowp(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
     return out
 
 
-def _visible(q, k, causal, key_padding_mask, cu_seqlens):
+def _visible(q, k, causal, key_padding_mask, cu_seqlens, sliding_window=None):
     """(b, 1, sq, sk) bool: which keys each query sees (bottom-right causal alignment)."""
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
     if causal:
         visible = visible.tril(seqlen_k - seqlen_q)
+    if sliding_window is not None:
+        visible = visible.triu(seqlen_k - seqlen_q - sliding_window + 1)
     visible = visible.expand(q.shape[0], 1, seqlen_q, seqlen_k)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]

@@ -82,6 +82,24 @@ def test_split_kv_padding(device, splits, split_calls):
     assert split_calls[0] > 1
 
 
+@pytest.mark.parametrize("programs", [1, 1000])
+@pytest.mark.parametrize("padded", [False, True])
+def test_split_kv_sliding_window(device, programs, padded, splits, split_calls):
+    """Decoding with a sliding window shorter than the cache (a model whose cache keeps every
+    key): only the cache's tail is read, and the rows of a chunk each see their own window;
+    with generation's left padding too."""
+    splits(programs)
+    q, k, v = _inputs(device, torch.float16, 2, 8, 2, 3, 333, 64)
+    mask = None
+    if padded:
+        mask = (torch.arange(333) >= torch.tensor([[0], [290]])).to(device)
+    _check(device, torch.float16, q, k, v, causal=True, key_padding_mask=mask, sliding_window=50)
+    assert len(split_calls) == 1
+    # the slices cover the 52 keys some query sees, not the 333
+    block_n = decode_config(64, 4 * 3, INTERPRETING).block_n
+    assert split_calls[0] <= (1 if programs == 1 else -(-52 // block_n))
+
+
 def test_split_kv_serves_few_rows_and_the_main_forward_the_rest(device, split_calls):
     """Decoding (GQA group x queries <= 128 rows per K/V head; 64 past head_dim 128) takes the
     split-KV kernels; chunked prefill and dropout take the main forward."""

@@ -31,9 +31,13 @@ def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_di
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def _check(device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None, cu_seqlens=None):
+def _check(
+    device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None, cu_seqlens=None,
+    sliding_window=None,
+):  # fmt: skip
     """Forward, LSE and all three gradients of flash_attn against the reference."""
     kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
+    kw.update(sliding_window=sliding_window)
     out, lse = flash_attn(q, k, v, return_lse=True, **kw)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
@@ -373,6 +377,45 @@ def test_dropout_keep_mask_rows(device):
     assert torch.equal(part, full[:, :, rows.to(device)])
 
 
+# ------------------------------------------------------------------------------- sliding window
+@pytest.mark.parametrize(
+    "shape,window",
+    [
+        ((2, 4, 2, 150, 150, 64), 40),  # self-attention, window < block, GQA, ragged blocks
+        # a window whose first key (and a key block's last query) falls on a block's edge
+        ((1, 2, 2, 200, 200, 64), 66),
+        ((1, 4, 4, 70, 200, 64), 90),  # bottom-right: a cache longer than the queries
+        ((1, 2, 1, 130, 130, 96), 1),  # each query sees itself only; head dim in two chunks
+        ((1, 2, 2, 64, 64, 32), 500),  # a window wider than the keys: plain causal
+    ],
+)
+def test_sliding_window(device, shape, window):
+    """Query i sees keys (i + seq_k - seq_q - window, i + seq_k - seq_q]: forward, LSE and
+    gradients against the reference, every kernel's window mask and block bounds."""
+    q, k, v = _inputs(device, torch.float16, *shape)
+    _check(device, torch.float16, q, k, v, causal=True, sliding_window=window)
+
+
+@pytest.mark.parametrize("configs", ["here", "gpu D64"])
+def test_sliding_window_with_padding_and_packing(device, configs):
+    """The window with key padding (padded queries too: causal self-attention) and with packed
+    sequences: the masks compose; also in the GPU's block shapes."""
+    from hf_flashattn.kernels.configs import gpu_configs
+    from hf_flashattn.op import forced_configs
+
+    forced = {} if configs == "here" else gpu_configs()[64]
+    forced.pop("decode", None)
+    with forced_configs(**forced):
+        q, k, v = _inputs(device, torch.float16, 2, 4, 2, 160, 160, 64)
+        mask = torch.ones(2, 160, dtype=torch.bool)
+        mask[0, 120:] = False
+        mask[1, :30] = False
+        kw = dict(causal=True, sliding_window=50)
+        _check(device, torch.float16, q, k, v, key_padding_mask=mask.to(device), **kw)
+        cu = torch.tensor([0, 70, 100, 160], device=device)
+        _check(device, torch.float16, q, k, v, cu_seqlens=cu, **kw)
+
+
 # ------------------------------------------------------------------------------- GPU configs
 def _config_cases():
     from hf_flashattn.kernels.configs import KernelConfig, gpu_configs
@@ -452,6 +495,9 @@ def _good(device):
         ("mask_dtype", TypeError, "key_padding_mask"),
         ("dropout", ValueError, "dropout_p"),
         ("big_head_dim", ValueError, "head_dim"),
+        ("window_zero", ValueError, "sliding_window"),
+        ("window_float", TypeError, "sliding_window"),
+        ("window_not_causal", ValueError, "sliding_window"),
     ],
 )
 def test_bad_input(device, case, exc, match):
@@ -477,6 +523,9 @@ def test_bad_input(device, case, exc, match):
         kw["dropout_p"] = 1.0
     elif case == "big_head_dim":
         q, k, v = (torch.randn(1, 1, 4, 264, device=device, dtype=torch.float16) for _ in range(3))
+    elif case.startswith("window"):
+        kw["sliding_window"] = {"window_zero": 0, "window_float": 4.0}.get(case, 4)
+        kw["causal"] = case != "window_not_causal"
     with pytest.raises(exc, match=match):
         flash_attn(q, k, v, **kw)
 
@@ -697,17 +746,19 @@ def test_eager_calls_skip_the_custom_op(device, monkeypatch):
         flash_attn(q, k, v)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_custom_op_matches_eager_path(device, packed):
+@pytest.mark.parametrize("case", ["plain", "packed", "sliding window"])
+def test_custom_op_matches_eager_path(device, case):
     """The torch.compile path (custom ops, their autograd) runs the same launch functions, with
-    packed sequences' token bounds too."""
+    packed sequences' token bounds and a sliding window too."""
     from hf_flashattn import op
     from hf_flashattn.packing import token_bounds
 
+    packed = case == "packed"
     seqlen_k = 40 if packed else 50
     q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, seqlen_k, 32)
     segments = token_bounds(torch.tensor([0, 15, 40], device=device), 40) if packed else None
-    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None)
+    window = 7 if case == "sliding window" else 0
+    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None, window)
     out, lse = op._fwd_op(*args)
     out_e, lse_e = op._FlashAttn.apply(*args)
     assert torch.equal(out, out_e) and torch.equal(lse, lse_e)

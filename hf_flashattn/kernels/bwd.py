@@ -35,11 +35,13 @@ def _recompute_p(
     seqlen_q,
     seqlen_k,
     causal_offset,
+    window,
     qk_scale,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     # P = exp2(S * scale * log2e - lse * log2e) from the raw scores S; masked entries are 0
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -47,6 +49,8 @@ def _recompute_p(
         valid = cols[None, :] < seqlen_k
         if IS_CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if HAS_WINDOW:
+            valid = valid & (cols[None, :] > offs_m[:, None] + causal_offset - window)
         if HAS_SEG:
             valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, False)
         p = tl.where(valid, p, 0.0)
@@ -94,6 +98,7 @@ def _attn_bwd_dkdv_inner(
     seqlen_q,
     seqlen_k,
     causal_offset,
+    window,
     qk_scale,
     dropout_p,
     seed,
@@ -106,6 +111,7 @@ def _attn_bwd_dkdv_inner(
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -152,6 +158,8 @@ def _attn_bwd_dkdv_inner(
             valid = cols[:, None] < seqlen_k
             if IS_CAUSAL:
                 valid = valid & (cols[:, None] <= offs_m[None, :] + causal_offset)
+            if HAS_WINDOW:
+                valid = valid & (cols[:, None] > offs_m[None, :] + causal_offset - window)
             if HAS_SEG:
                 valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, True)
             p_t = tl.where(valid, p_t, 0.0)
@@ -223,6 +231,7 @@ def attn_bwd_dkdv_kernel(
     num_heads_kv,
     seqlen_q,
     seqlen_k,
+    window,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -237,6 +246,7 @@ def attn_bwd_dkdv_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAD_Q: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
@@ -314,6 +324,11 @@ def attn_bwd_dkdv_kernel(
             lo_full = tl.maximum(lo_full, lo)
             hi_full = tl.minimum(hi_full, kept_rows_hi // BLOCK_M * BLOCK_M)
             q_end = tl.minimum(q_end, kept_rows_hi)
+        if HAS_WINDOW:
+            # causal sliding window: key j is seen by queries i < j - causal_offset + window,
+            # and every block is masked
+            q_end = tl.minimum(q_end, tl.maximum(start_n + BLOCK_N - 1 - causal_offset + window, 0))
+            ragged_k = ragged_k | (window > 0)
         # a key block outside the kept keys gets dK = dV = 0 without visiting any query
         n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
 
@@ -353,6 +368,7 @@ def attn_bwd_dkdv_kernel(
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
+                    window,
                     qk_scale,
                     dropout_p,
                     seed,
@@ -365,6 +381,7 @@ def attn_bwd_dkdv_kernel(
                     IS_CAUSAL,
                     HAS_KPM,
                     HAS_SEG,
+                    HAS_WINDOW,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -399,6 +416,7 @@ def attn_bwd_dkdv_kernel(
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
+                    window,
                     qk_scale,
                     dropout_p,
                     seed,
@@ -411,6 +429,7 @@ def attn_bwd_dkdv_kernel(
                     IS_CAUSAL,
                     HAS_KPM,
                     HAS_SEG,
+                    HAS_WINDOW,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -443,6 +462,7 @@ def attn_bwd_dkdv_kernel(
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
+                    window,
                     qk_scale,
                     dropout_p,
                     seed,
@@ -455,6 +475,7 @@ def attn_bwd_dkdv_kernel(
                     IS_CAUSAL,
                     HAS_KPM,
                     HAS_SEG,
+                    HAS_WINDOW,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -488,6 +509,7 @@ def attn_bwd_dkdv_kernel(
                     seqlen_q,
                     seqlen_k,
                     causal_offset,
+                    window,
                     qk_scale,
                     dropout_p,
                     seed,
@@ -500,6 +522,7 @@ def attn_bwd_dkdv_kernel(
                     IS_CAUSAL,
                     HAS_KPM,
                     HAS_SEG,
+                    HAS_WINDOW,
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
@@ -549,6 +572,7 @@ def _attn_bwd_dq_inner(
     seqlen_q,
     seqlen_k,
     causal_offset,
+    window,
     qk_scale,
     dropout_p,
     seed,
@@ -561,6 +585,7 @@ def _attn_bwd_dq_inner(
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -609,11 +634,13 @@ def _attn_bwd_dq_inner(
             seqlen_q,
             seqlen_k,
             causal_offset,
+            window,
             qk_scale,
             MASKED,
             IS_CAUSAL,
             HAS_KPM,
             HAS_SEG,
+            HAS_WINDOW,
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if SPLIT_D:
@@ -674,6 +701,7 @@ def attn_bwd_dq_kernel(
     num_heads_q,
     seqlen_q,
     seqlen_k,
+    window,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -689,6 +717,7 @@ def attn_bwd_dq_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAD_Q: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -755,11 +784,13 @@ def attn_bwd_dq_kernel(
             kept_lo,
             kept_hi,
             seg_ptr,
+            window,
             BLOCK_M,
             BLOCK_N,
             IS_CAUSAL,
             HAS_SEG,
             PAD_Q,
+            HAS_WINDOW,
         )
 
         dq, dq1 = _attn_bwd_dq_inner(
@@ -787,6 +818,7 @@ def attn_bwd_dq_kernel(
             seqlen_q,
             seqlen_k,
             causal_offset,
+            window,
             qk_scale,
             dropout_p,
             seed,
@@ -799,6 +831,7 @@ def attn_bwd_dq_kernel(
             IS_CAUSAL,
             HAS_KPM,
             HAS_SEG,
+            HAS_WINDOW,
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,
@@ -828,6 +861,7 @@ def attn_bwd_dq_kernel(
             seqlen_q,
             seqlen_k,
             causal_offset,
+            window,
             qk_scale,
             dropout_p,
             seed,
@@ -840,6 +874,7 @@ def attn_bwd_dq_kernel(
             IS_CAUSAL,
             HAS_KPM,
             HAS_SEG,
+            HAS_WINDOW,
             HAS_DROPOUT,
             UPCAST,
             DOT_PRECISION,

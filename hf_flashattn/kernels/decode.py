@@ -51,6 +51,7 @@ def attn_decode_split_kernel(
     split_len,
     n_splits,
     n_parts,
+    window,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -61,6 +62,7 @@ def attn_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_ALIGNED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     if KV_ALIGNED:
         stride_kb = stride_kb * 16
@@ -121,6 +123,8 @@ def attn_decode_split_kernel(
         valid = cols[None, :] < end
         if IS_CAUSAL:
             valid = valid & (cols[None, :] <= qi[:, None] + causal_offset)
+        if HAS_WINDOW:  # causal sliding window: keys j > i + causal_offset - window
+            valid = valid & (cols[None, :] > qi[:, None] + causal_offset - window)
         if HAS_KPM:
             keep_col = tl.load(kpm_ptr + cols, mask=cols < end, other=0)
             valid = valid & (keep_col[None, :] != 0)

@@ -94,11 +94,13 @@ def _key_bounds(
     kept_lo,
     kept_hi,
     seg_ptr,
+    window,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_SEG: tl.constexpr,
     PAD_Q: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     # The key blocks a query block [start_m, start_m + BLOCK_M) visits, for the forward and the
     # dQ pass: [lo, hi_full) whole blocks every row sees (no causal or length mask), then
@@ -108,7 +110,9 @@ def _key_bounds(
     # sequence's edge may cut any) unless the block's rows are all of one causal sequence that
     # starts on a key block (then only its diagonal band is). PAD_Q (causal self-attention with
     # key padding): the rows are the keys' tokens, padded rows give zeros, so a block of padded
-    # rows visits nothing.
+    # rows visits nothing. HAS_WINDOW (causal sliding window): query i sees keys
+    # j > i + causal_offset - window too, so the blocks start at the first row's window, and
+    # every block is masked.
     if HAS_SEG:
         kept_lo, kept_hi = _segment_span(seg_ptr, start_m, BLOCK_M, seqlen_q)
     if IS_CAUSAL:
@@ -126,6 +130,11 @@ def _key_bounds(
     if HAS_SEG:
         whole = _within_one_sequence(seg_ptr, start_m, BLOCK_M, seqlen_q, BLOCK_N) & IS_CAUSAL
         hi_full = tl.where(whole, hi_full, lo)
+    if HAS_WINDOW:
+        first_key = tl.maximum(start_m + causal_offset - window + 1, 0)
+        lo = tl.maximum(lo, first_key // BLOCK_N * BLOCK_N)
+        hi = tl.maximum(hi, lo)
+        hi_full = lo
     if PAD_Q:
         padded = (start_m >= kept_hi) | (start_m + BLOCK_M <= kept_lo)
         hi = tl.where(padded, lo, hi)
@@ -210,6 +219,7 @@ def _attn_fwd_inner(
     seqlen_q,
     seqlen_k,
     causal_offset,
+    window,
     qk_scale,
     dropout_p,
     seed,
@@ -232,6 +242,7 @@ def _attn_fwd_inner(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SCALE_POSITIVE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     d1_mask = offs_d1 < HEAD_DIM
@@ -257,6 +268,8 @@ def _attn_fwd_inner(
             valid = cols[None, :] < seqlen_k
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            if HAS_WINDOW:
+                valid = valid & (cols[None, :] > offs_m[:, None] + causal_offset - window)
             if HAS_SEG:
                 valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, False)
             qk = tl.where(valid, qk, float("-inf"))
@@ -323,6 +336,7 @@ def attn_fwd_kernel(
     num_heads_q,
     seqlen_q,
     seqlen_k,
+    window,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -338,6 +352,7 @@ def attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     PAD_Q: tl.constexpr,
     SCALE_POSITIVE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -401,11 +416,13 @@ def attn_fwd_kernel(
             kept_lo,
             kept_hi,
             seg_ptr,
+            window,
             BLOCK_M,
             BLOCK_N,
             IS_CAUSAL,
             HAS_SEG,
             PAD_Q,
+            HAS_WINDOW,
         )
         # stage 1: whole blocks that need no mask
         acc, acc1, l_i, m_i = _attn_fwd_inner(
@@ -427,6 +444,7 @@ def attn_fwd_kernel(
             seqlen_q,
             seqlen_k,
             causal_offset,
+            window,
             qk_scale,
             dropout_p,
             seed,
@@ -449,6 +467,7 @@ def attn_fwd_kernel(
             UPCAST,
             DOT_PRECISION,
             SCALE_POSITIVE,
+            HAS_WINDOW,
         )
         # stage 2: the causal diagonal band and the ragged end of the keys
         acc, acc1, l_i, m_i = _attn_fwd_inner(
@@ -470,6 +489,7 @@ def attn_fwd_kernel(
             seqlen_q,
             seqlen_k,
             causal_offset,
+            window,
             qk_scale,
             dropout_p,
             seed,
@@ -492,6 +512,7 @@ def attn_fwd_kernel(
             UPCAST,
             DOT_PRECISION,
             SCALE_POSITIVE,
+            HAS_WINDOW,
         )
 
         # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
