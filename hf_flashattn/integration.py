@@ -292,14 +292,21 @@ def _packed_sequences(
 
 
 # ---------------------------------------------------------------------------- mask normalisation
-def _causal_pattern(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """(q_len, kv_len) bool, bottom-right aligned: query i sees keys j <= i + kv_len - q_len."""
+def _causal_pattern(q_len: int, kv_len: int, device, window: int | None = None) -> torch.Tensor:
+    """(q_len, kv_len) bool, bottom-right aligned: query i sees keys j <= i + kv_len - q_len,
+    and with a sliding window only those j > i + kv_len - q_len - window."""
     rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    return torch.arange(kv_len, device=device)[None, :] <= rows
+    cols = torch.arange(kv_len, device=device)[None, :]
+    if window is None:
+        return cols <= rows
+    return (cols <= rows) & (cols > rows - window)
 
 
-def _analyse_4d(mask: torch.Tensor, q_len: int, k_len: int) -> KernelMask | None:
-    """Express a 4-D (batch | 1, heads | 1, q_len | 1, k_len) mask as key padding + causal."""
+def _analyse_4d(
+    mask: torch.Tensor, q_len: int, k_len: int, window: int | None = None
+) -> KernelMask | None:
+    """Express a 4-D (batch | 1, heads | 1, q_len | 1, k_len) mask as key padding + causal
+    (within the attention call's sliding ``window``, if one narrower than the keys is given)."""
     if mask.shape[-1] != k_len or mask.shape[-2] not in (1, q_len):
         return None
     if mask.dtype == torch.bool and mask.shape[1:3] == (1, 1):
@@ -323,19 +330,30 @@ def _analyse_4d(mask: torch.Tensor, q_len: int, k_len: int) -> KernelMask | None
         if not bool((allowed == kpm[:, None, None, :]).all()):  # heads disagree
             return None
         return KernelMask(None if bool(kpm.all()) else kpm, False, k_len)
-    result = _match(allowed, q_len, k_len)
+    result = _match(allowed, q_len, k_len, window)
     if result is None:
         # Keys no query sees may be unused slots (a static cache's tail, with the causal mask
         # written with offsets): cutting them off restores the bottom-right alignment.
         seen = allowed.flatten(0, 2).any(0)
         kv_len = int(seen.nonzero().max()) + 1 if bool(seen.any()) else k_len
         if kv_len < k_len:
-            result = _match(allowed[..., :kv_len], q_len, kv_len)
+            result = _match(allowed[..., :kv_len], q_len, kv_len, window)
     return result
 
 
-def _match(allowed: torch.Tensor, q_len: int, kv_len: int) -> KernelMask | None:
-    """Whether a 4-D bool mask equals key padding (+ bottom-right causal), and which."""
+def _match(
+    allowed: torch.Tensor, q_len: int, kv_len: int, window: int | None = None
+) -> KernelMask | None:
+    """Whether a 4-D bool mask equals key padding (+ bottom-right causal), and which. With a
+    sliding window narrower than the keys: key padding + causal within that window, or None."""
+    if window is not None and max(q_len, kv_len) > window:
+        # The padding of keys no query sees does not matter (the window hides them): take the
+        # keys some query sees as the padding row.
+        kpm = allowed[:, 0].any(-2)
+        pattern = _causal_pattern(q_len, kv_len, allowed.device, window)
+        if not bool((allowed == (kpm[:, None, None, :] & pattern)).all()):
+            return None
+        return KernelMask(None if bool(kpm.all()) else kpm, True, kv_len)
     # With bottom-right causality the last query sees every key, so its row is the padding.
     kpm = allowed[:, 0, -1, :]
     padded = kpm[:, None, None, :]
@@ -351,11 +369,11 @@ def _match(allowed: torch.Tensor, q_len: int, kv_len: int) -> KernelMask | None:
 # transformers hands the same mask tensor to every layer: analyse it once per forward. The memo
 # holds the mask weakly and keeps only a compact copy of any padding row, never a view: a view
 # would keep a (batch, 1, seq, seq) mask allocated after the forward.
-_last_analysis: tuple[weakref.ref, int, int, int, KernelMask | None] | None = None
+_last_analysis: tuple[weakref.ref, int, int, int, int | None, KernelMask | None] | None = None
 
 
 def _remember(
-    mask: torch.Tensor, q_len: int, k_len: int, result: KernelMask | None
+    mask: torch.Tensor, q_len: int, k_len: int, result: KernelMask | None, window=None
 ) -> KernelMask | None:
     """Memoise ``result`` for ``mask`` (not while tracing, nor for inference tensors, which have
     no version counter) and return what the memo holds, so every call sees the same object."""
@@ -365,12 +383,16 @@ def _remember(
     if result is not None and result.key_padding_mask is not None:
         compact = result.key_padding_mask.clone(memory_format=torch.contiguous_format)
         result = result._replace(key_padding_mask=compact)
-    _last_analysis = (weakref.ref(mask), mask._version, q_len, k_len, result)
+    _last_analysis = (weakref.ref(mask), mask._version, q_len, k_len, window, result)
     return result
 
 
 def kernel_mask(
-    attention_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    q_len: int,
+    k_len: int,
+    window: int | None = None,
 ) -> KernelMask | None:
     """Normalise an attention mask (any form in the module docstring) for the kernels.
 
@@ -380,9 +402,12 @@ def kernel_mask(
             attend) or additive float (0 = attend).
         causal: the module's causality, used for None and 2-D masks (4-D masks carry their own).
         q_len, k_len: seqlen_q and seqlen_k of the attention call.
+        window: the call's sliding window (the module's), or None. A 4-D mask then matches
+            key padding + causal within it (transformers' sliding-window layers build one).
 
     Return:
-        A :class:`KernelMask`, or None when the mask is not key padding + causal.
+        A :class:`KernelMask`, or None when the mask is not key padding + causal (within the
+        window).
     """
     if attention_mask is None:
         return KernelMask(None, causal, k_len)
@@ -407,15 +432,16 @@ def kernel_mask(
     # No memo while tracing (a graph has no tensor identity) nor for inference tensors (no version
     # counter to notice in-place edits).
     if _tracing() or attention_mask.is_inference():
-        return _analyse_4d(attention_mask, q_len, k_len)
+        return _analyse_4d(attention_mask, q_len, k_len, window)
     memo = _last_analysis
     if (
         memo is not None
         and memo[0]() is attention_mask
-        and memo[1:4] == (attention_mask._version, q_len, k_len)
+        and memo[1:5] == (attention_mask._version, q_len, k_len, window)
     ):
-        return memo[4]
-    return _remember(attention_mask, q_len, k_len, _analyse_4d(attention_mask, q_len, k_len))
+        return memo[5]
+    result = _analyse_4d(attention_mask, q_len, k_len, window)
+    return _remember(attention_mask, q_len, k_len, result, window)
 
 
 # ---------------------------------------------------------------------------- eager fallback
@@ -544,7 +570,8 @@ def attention_forward(
         attention_mask: None, 2-D or 4-D, in any form of the module docstring.
         scaling: float, default ``head_dim ** -0.5``. Multiplies q @ k^T (GPT-2 passes its own).
         dropout: float, default 0. Dropout probability (transformers passes 0 unless training).
-        kwargs: other keyword arguments from the model: ``output_attentions``, ``sliding_window``,
+        kwargs: other keyword arguments from the model: ``output_attentions``, ``sliding_window``
+            (the kernels take a causal one; a bidirectional one narrower than the keys),
             ``softcap``, ``s_aux``, ``position_bias`` send the call to eager attention.
 
     Return:
@@ -555,7 +582,10 @@ def attention_forward(
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     q_len, k_len = query.shape[2], key.shape[2]
-    km = kernel_mask(attention_mask, causal, q_len, k_len)
+    window = sliding_window(module, kwargs)
+    if window is not None and max(q_len, k_len) <= window:
+        window = None  # the window covers every key: plain attention, exactly
+    km = kernel_mask(attention_mask, causal, q_len, k_len, window)
     reason = unsupported_reason(
         module,
         query,
@@ -564,6 +594,7 @@ def attention_forward(
         kwargs,
         kv_len=km.kv_len if km else k_len,
         mask_expressible=km is not None,
+        causal=km.causal if km else causal,
     )
     if reason is not None:
         _warn_once(reason)
@@ -588,6 +619,7 @@ def attention_forward(
         dropout_p=dropout,
         key_padding_mask=kpm,
         cu_seqlens=cu_seqlens,
+        sliding_window=window if window is not None and max(q_len, km.kv_len) > window else None,
     )
     return out.transpose(1, 2), None
 

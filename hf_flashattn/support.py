@@ -44,7 +44,10 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "the GPU (flash-decoding), the query heads of a GQA group sharing each K/V load",
     "static KV caches": "unused cache slots are cut off before the kernel runs",
     "bidirectional attention": "encoders, cross-attention and decoders with config.is_causal=False",
-    "sliding window": "only while the window covers every key (otherwise: eager)",
+    "sliding window": "causal sliding windows (Mistral, Gemma 2/3, Qwen2): each query block "
+    "visits only the keys in its window; transformers' windowed mask is checked once per "
+    "forward, so compiled, a window narrower than the keys runs eager (bidirectional windows: "
+    "only while the window covers every key)",
     "dropout": "on the attention probabilities, drawn inside the kernel",
     "training": "forward and backward kernels; gradient checkpointing",
     "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd); "
@@ -77,7 +80,7 @@ FALLBACK_REASONS: dict[str, str] = {
     "head size",
     "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before "
     "hf_flashattn is imported)",
-    "sliding_window": "a sliding window narrower than the keys",
+    "sliding_window": "a bidirectional sliding window narrower than the keys",
     "softcap": "attention logit soft-capping",
     "attention_sinks": "attention sinks (s_aux)",
     "position_bias": "an additive position bias",
@@ -117,6 +120,7 @@ def unsupported_reason(
     *,
     kv_len: int,
     mask_expressible: bool,
+    causal: bool = True,
 ) -> str | None:
     """Why the kernels cannot serve this attention call, or None when they can.
 
@@ -129,6 +133,7 @@ def unsupported_reason(
         kv_len: how many keys the mask lets any query see (seqlen_k, or fewer when the tail of a
             static cache is unused).
         mask_expressible: whether the attention mask is key padding + (bottom-right) causal.
+        causal: whether the call is causal (the kernels' sliding window is a causal one).
 
     Return:
         A value of :data:`FALLBACK_REASONS`, or None.
@@ -147,8 +152,9 @@ def unsupported_reason(
         return FALLBACK_REASONS["device"]
     window = sliding_window(module, kwargs)
     # Inside the window every query sees every key (the farthest pair is max(seq_q, kv_len) - 1
-    # apart), so the window changes nothing and the kernels stay exact.
-    if window is not None and max(query.shape[2], kv_len) > window:
+    # apart), so the window changes nothing and the kernels stay exact. Narrower, the kernels
+    # take a causal window (flash_attn's sliding_window), not a bidirectional one.
+    if window is not None and max(query.shape[2], kv_len) > window and not causal:
         return FALLBACK_REASONS["sliding_window"]
     if kwargs.get("softcap") is not None:
         return FALLBACK_REASONS["softcap"]

@@ -537,7 +537,7 @@ def test_4d_analysis_memo_keeps_only_a_copy_of_the_padding_row(form, device):
     storage = weakref.ref(mask.untyped_storage())
     km = kernel_mask(mask, True, 10, 10)
     assert km.causal and torch.equal(km.key_padding_mask, PADDING.to(device))
-    kept = integration._last_analysis[4].key_padding_mask
+    kept = integration._last_analysis[5].key_padding_mask
     assert kept.untyped_storage().nbytes() == PADDING.numel()  # bool: a byte per key
     del mask, km
     assert storage() is None
@@ -622,18 +622,50 @@ def test_fallback_model_level(reason, build, device, monkeypatch, fresh_warnings
     _assert_falls_back(model, ids, mask, reason, fresh_warnings, kernel_calls)
 
 
-def test_fallback_sliding_window_narrower_than_the_keys(device, fresh_warnings, kernel_calls):
-    ids, mask, _ = padded_batch(device)
-    narrow = mistral(device, sliding_window=4)
-    _assert_falls_back(narrow, ids, mask, "sliding_window", fresh_warnings, kernel_calls)
+@pytest.mark.parametrize("padded", [True, False])
+def test_sliding_window_narrower_than_the_keys_runs_the_kernels(device, padded, kernel_calls):
+    """Mistral with a 3-key window over 8 tokens: transformers' windowed (q, k) mask is matched
+    as key padding + causal within the module's window, and the kernels serve every layer with
+    it: logits and gradients as eager's at the real tokens (left and right padded rows)."""
+    ids, mask, labels = padded_batch(device)
+    if not padded:
+        mask = torch.ones_like(mask)
+    model = mistral(device, sliding_window=3)
+    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
+    model.set_attn_implementation(IMPL)
+    logits, loss, grads = forward_backward(model, ids, mask, labels)
 
-    wide = mistral(device, sliding_window=16)  # the window covers every key: the kernels are exact
+    assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
+    assert all(c["sliding_window"] == 3 and c["causal"] for c in kernel_calls)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def test_sliding_window_covering_the_keys_runs_plain_causal(device, kernel_calls):
+    """A window as wide as every key changes nothing: the kernels run without one."""
+    ids, mask, _ = padded_batch(device)
+    wide = mistral(device, sliding_window=16)
     ref = wide(ids, attention_mask=mask).logits
     wide.set_attn_implementation(IMPL)
     torch.testing.assert_close(
         wide(ids, attention_mask=mask).logits[mask.bool()], ref[mask.bool()], **TOL
     )
-    assert len(kernel_calls) == 2 and len(fallback_messages(fresh_warnings)) == 1
+    assert kernel_calls and all(c["sliding_window"] is None for c in kernel_calls)
+
+
+def test_bidirectional_sliding_window_narrower_than_the_keys_falls_back(device):
+    """The kernels' window is causal: a bidirectional one narrower than the keys runs eager."""
+    module = torch.nn.Module()
+    module.sliding_window = 3
+    q = torch.zeros(1, 2, 8, 16, device=device)
+    reason = support.unsupported_reason(
+        module, q, q, q, {}, kv_len=8, mask_expressible=True, causal=False
+    )
+    assert reason == support.FALLBACK_REASONS["sliding_window"]
+    assert support.unsupported_reason(module, q, q, q, {}, kv_len=8, mask_expressible=True) is None
 
 
 def test_sliding_window_read_from_kwargs_instance_class_or_property():
