@@ -154,6 +154,7 @@ def specialisations() -> list[tuple]:
                 IS_CAUSAL=causal,
                 HAS_KPM=kpm,
                 KV_ALIGNED=aligned,
+                HAS_WINDOW=causal,  # a sliding window is causal
             )
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             label = f"decode {dtype} D{head_dim} rows={rows} causal={causal} kpm={kpm}"
