@@ -644,6 +644,22 @@ def test_sliding_window_narrower_than_the_keys_runs_the_kernels(device, padded, 
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
+def test_greedy_generate_with_a_sliding_window_matches_eager(device, kernel_calls):
+    """Mistral with a 3-key window, left-padded 6-token prompts: the prefill runs the kernels
+    with the window, and so does every decoding step however transformers' cache keeps the
+    window's keys; the tokens equal eager's."""
+    model = mistral(device, sliding_window=3)
+    ids, mask = left_padded_prompts(device)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+    ref = model.generate(ids, **kwargs)
+    model.set_attn_implementation(IMPL)
+    out = model.generate(ids, **kwargs)
+
+    assert len(kernel_calls) == 4 * model.config.num_hidden_layers  # prefill + 3 decode steps
+    assert kernel_calls[0]["sliding_window"] == 3  # the prefill's keys pass the window
+    assert torch.equal(out, ref)
+
+
 def test_sliding_window_covering_the_keys_runs_plain_causal(device, kernel_calls):
     """A window as wide as every key changes nothing: the kernels run without one."""
     ids, mask, _ = padded_batch(device)
