@@ -1,0 +1,104 @@
+"""Split-KV decoding configs: for each one-query decode shape of bench_decode.py, the kernel
+time (``kernel_ms``: GPU time of the split and combine kernels, L2 flushed) with each candidate
+key step / warps / stages forced, and each split target (programs per SM), against sdpa's
+kernels in the same run. Needs a GPU.
+
+    python benchmarks/sweep_decode.py --out sweep_decode.json
+    python benchmarks/sweep_decode.py --shapes b1/k32768/g1 b16/k4096/g4
+
+The tables' entry and split target (two waves) are always measured and marked with ``*``.
+Pick from the JSON, then confirm with bench_decode.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_call as b
+import torch
+from bench_decode import HEAD_DIM, HEADS_Q
+from common import environment, error_string, jsonable, kernel_ms, write_json
+
+from hf_flashattn import op
+from hf_flashattn.kernels import configs
+from hf_flashattn.kernels.configs import KernelConfig
+
+C = KernelConfig
+# (block_m is the packed rows, set per call), block_n the key step, warps, stages
+CANDIDATES = [C(16, 64, 4, 2), C(16, 64, 4, 3), C(16, 64, 4, 4), C(16, 128, 4, 2),
+              C(16, 128, 4, 3), C(16, 32, 4, 4), C(16, 64, 2, 3), C(16, 128, 8, 3)]  # fmt: skip
+# programs per SM the split count aims at (the table's: 2)
+WAVES = (1, 2, 4, 8)
+SHAPES = ["b1/k4096/g1", "b1/k32768/g1", "b1/k131072/g1", "b1/k32768/g4", "b1/k131072/g4",
+          "b1/k131072/g8", "b16/k4096/g4", "b16/k4096/g8", "b16/k32768/g8", "b16/k131072/g8",
+          "b64/k4096/g8", "b16/k32768/g1"]  # fmt: skip
+
+
+def parse_shape(case: str) -> tuple[int, int, int]:
+    batch, keys, group = (int(part[1:]) for part in case.split("/"))
+    return batch, keys, group
+
+
+def sweep_shape(case: str, attn, sdpa) -> dict:
+    batch, seq_k, group = parse_shape(case)
+    dtype = torch.bfloat16
+    q = torch.randn(batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=dtype).transpose(1, 2)
+    heads_kv = HEADS_Q // group
+    k, v = (torch.randn(batch, heads_kv, seq_k, HEAD_DIM, device="cuda", dtype=dtype) for _ in "kv")
+    module = b.AttentionModule(b.Layer(batch, HEADS_Q, heads_kv, seq_k, HEAD_DIM)).eval()
+    module.is_causal = False  # one query sees every key (as bench_decode.py)
+    kw = dict(attention_mask=None, scaling=HEAD_DIM**-0.5, dropout=0.0)
+    table = configs.decode_config(HEAD_DIM, group, False)
+    out = {"sdpa_ms": kernel_ms(partial(sdpa, module, q, k, v, **kw)), "ours": {}}
+    reference = sdpa(module, q, k, v, **kw)[0].float()
+    sm_count = op._sm_count(q.device.index)
+    target = op._target_programs
+    for cfg in CANDIDATES:
+        for waves in WAVES:
+            mark = "*" if (cfg.block_n, cfg.num_warps, cfg.num_stages, waves) == (
+                table.block_n, table.num_warps, table.num_stages, 2) else ""  # fmt: skip
+            label = f"{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s/{waves}{mark}"
+            op._target_programs = lambda device, waves=waves: waves * sm_count
+            try:
+                with op.forced_configs(decode=cfg):
+                    fn = partial(attn, module, q, k, v, **kw)
+                    err = (fn()[0].float() - reference).abs().max().item()
+                    out["ours"][label] = {"ms": kernel_ms(fn), "max_err_vs_sdpa": err}
+            except Exception as exc:
+                out["ours"][label] = {"error": error_string(exc)}
+            finally:
+                op._target_programs = target
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="b<batch>/k<keys>/g<group>")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: none)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    impls = b.implementations()
+    data = {"kind": "sweep_decode", "environment": environment(), "results": {}}
+    with torch.no_grad():
+        for case in args.shapes:
+            r = data["results"][case] = sweep_shape(case, impls["ours"], impls["sdpa"])
+            timed = {k: t["ms"] for k, t in r["ours"].items() if "ms" in t}
+            best = sorted(timed, key=timed.get)[:4]
+            table = next((k for k in timed if k.endswith("*")), None)
+            line = "  ".join(f"{k} {r['sdpa_ms'] / timed[k]:.3f}" for k in best)
+            now = f"{r['sdpa_ms'] / timed[table]:.3f}" if table else "-"
+            print(f"{case:16s} sdpa {r['sdpa_ms']:.4f} ms  table {now}  best: {line}", flush=True)
+            if args.out:
+                write_json(args.out, jsonable(data))
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
