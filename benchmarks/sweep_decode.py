@@ -6,7 +6,7 @@ kernels in the same run. Needs a GPU.
     python benchmarks/sweep_decode.py --out sweep_decode.json
     python benchmarks/sweep_decode.py --shapes b1/k32768/g1 b16/k4096/g4
 
-The tables' entry and split target (two waves) are always measured and marked with ``*``.
+The table's entry and split target (op._target_programs) are always measured and marked ``*``.
 Pick from the JSON, then confirm with bench_decode.py.
 """
 
@@ -57,12 +57,13 @@ def sweep_shape(case: str, attn, sdpa) -> dict:
     reference = sdpa(module, q, k, v, **kw)[0].float()
     sm_count = op._sm_count(q.device.index)
     target = op._target_programs
+    table_waves = target(q.device, batch * heads_kv) // sm_count
     for cfg in CANDIDATES:
         for waves in WAVES:
             mark = "*" if (cfg.block_n, cfg.num_warps, cfg.num_stages, waves) == (
-                table.block_n, table.num_warps, table.num_stages, 2) else ""  # fmt: skip
+                table.block_n, table.num_warps, table.num_stages, table_waves) else ""  # fmt: skip
             label = f"{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s/{waves}{mark}"
-            op._target_programs = lambda device, waves=waves: waves * sm_count
+            op._target_programs = lambda device, n, waves=waves: waves * sm_count
             try:
                 with op.forced_configs(decode=cfg):
                     fn = partial(attn, module, q, k, v, **kw)

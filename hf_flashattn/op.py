@@ -90,7 +90,7 @@ def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -
 
 
 # the one constexpr of a kernel's own, last in its launcher key
-_OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE"}
+_OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE", "dkdv": "GROUP_PARTS"}
 
 
 def _launcher(name: str, key: tuple) -> _Launcher:
@@ -146,19 +146,51 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
-    # two waves of programs fill the GPU; more slices would only cost merging. The interpreter
-    # runs programs one by one: a few splits exercise the merge.
-    return 2 * _sm_count(device.index) if device.type == "cuda" else 4
+def _target_programs(device: torch.device, programs: int) -> int:
+    """Split-KV programs to aim at, given ``programs`` (batch x K/V heads) per key slice. Two
+    waves fill the GPU, and more slices cost merging, except with a quarter of the SMs' count
+    or fewer (batch 1): eight waves there took batch-1 one-query decoding from 0.91-0.96x to
+    0.96-1.0x sdpa's kernel time, where at 64 programs they lost up to 10%
+    (sweep_decode.py, H200, benchmarks/NOTES.md tenth session). The interpreter runs programs
+    one by one: a few splits exercise the merge."""
+    if device.type != "cuda":
+        return 4
+    sm_count = _sm_count(device.index)
+    return (8 if 4 * programs <= sm_count else 2) * sm_count
 
 
 def _decode_splits(programs: int, seqlen_k: int, block_n: int, device) -> tuple[int, int]:
     """(number of key slices, keys per slice, a multiple of block_n) for ``programs``
     (batch x K/V heads) programs per slice: enough slices to reach the target, none empty."""
     blocks = triton_cdiv(seqlen_k, block_n)
-    splits = min(blocks, max(1, triton_cdiv(_target_programs(device), programs)))
+    splits = min(blocks, max(1, triton_cdiv(_target_programs(device, programs), programs)))
     split_len = triton_cdiv(blocks, splits) * block_n
     return triton_cdiv(seqlen_k, split_len), split_len
+
+
+def _dkdv_programs(head_dim: int, seqlen_k: int, causal: bool) -> int:
+    """Programs the dK/dV pass launches per (batch, K/V head): one per key block, or per
+    causal pair of them."""
+    block_n = (_FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING)).block_n
+    blocks = triton_cdiv(seqlen_k, block_n)
+    return (blocks + 1) // 2 if causal else blocks
+
+
+def _dkdv_target(device: torch.device) -> int:
+    # two waves; the interpreter runs programs one by one: never split there unless a test asks
+    return 2 * _sm_count(device.index) if device.type == "cuda" else 1
+
+
+def _dkdv_group_parts(group: int, programs: int, target: int) -> int:
+    """How many programs share each K/V block's GQA group in the dK/dV pass: the fewest (a
+    divisor of the group) that bring ``programs`` (one per K/V block, or causal pair) to
+    ``target``. One program walking the whole group left the pass under one wave at the
+    LLaMA-0.5B layer (4 x 4 K/V heads x 8 causal pairs = 128 programs on 132 SMs); the parts
+    cost their float32 sums and one addition pass."""
+    for parts in range(1, group + 1):
+        if group % parts == 0 and programs * parts >= target:
+            return parts
+    return group
 
 
 @contextlib.contextmanager
@@ -344,8 +376,15 @@ def _backward(
         dlse = dlse.contiguous()  # e.g. the expanded ones of lse.sum()'s backward
     store = _store_dtype(q.dtype)
     dq = torch.empty_like(q, dtype=store)
-    dk = torch.empty_like(k, dtype=store)
-    dv = torch.empty_like(v, dtype=store)
+    group = heads_q // heads_kv
+    key_blocks = _dkdv_programs(head_dim, seqlen_k, causal)
+    parts = _dkdv_group_parts(group, batch * heads_kv * key_blocks, _dkdv_target(q.device))
+    if parts == 1:
+        dk = torch.empty_like(k, dtype=store)
+        dv = torch.empty_like(v, dtype=store)
+    else:  # each part's float32 sums over its share of the group's query heads
+        dk = torch.empty((parts, *k.shape), dtype=torch.float32, device=k.device)
+        dv = torch.empty_like(dk)
     delta = torch.empty_like(lse)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointers, never read
@@ -354,7 +393,6 @@ def _backward(
     seg, seg_stride = (segments, segments.stride(0)) if has_seg else (q, 0)
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
-    group = heads_q // heads_kv
     pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
     flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0)
     key = (q.dtype, head_dim, group, causal, *flags, has_dlse)
@@ -378,9 +416,9 @@ def _backward(
             window,
         ),
     )
-    _launcher("dkdv", key[:-1] + (False,))(
+    _launcher("dkdv", key[:-1] + (parts,))(
         seqlen_k,
-        batch * heads_kv,
+        batch * heads_kv * parts,
         (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed),
         (qk_scale, scale, dropout_p),
         (
@@ -388,10 +426,11 @@ def _backward(
             *k.stride(),
             *v.stride(),
             *dout.stride(),
-            *dk.stride(),
-            *dv.stride(),
+            *dk.stride()[-4:],
+            *dv.stride()[-4:],
             kpm_stride,
             seg_stride,
+            dk.stride(0) if parts > 1 else 0,
             heads_q,
             heads_kv,
             seqlen_q,
@@ -399,6 +438,9 @@ def _backward(
             window,
         ),
     )
+    if parts > 1:  # strided like k and v, as the custom op's fake says
+        dk = torch.empty_like(k).copy_(dk.sum(0))
+        dv = torch.empty_like(v).copy_(dv.sum(0))
     if store != q.dtype:  # the interpreter's bf16
         dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
     return dq, dk, dv

@@ -15,7 +15,7 @@ def splits(monkeypatch):
     slice per key block."""
 
     def aim_for(programs: int) -> None:
-        monkeypatch.setattr(op, "_target_programs", lambda device: programs)
+        monkeypatch.setattr(op, "_target_programs", lambda device, n: programs)
 
     return aim_for
 

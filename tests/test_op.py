@@ -103,6 +103,35 @@ def test_gqa_mqa(device, heads_q, heads_kv, causal):
     _check(device, torch.float16, q, k, v, causal=causal)
 
 
+def test_dkdv_group_parts_reach_the_target_with_the_fewest_divisor():
+    parts = op._dkdv_group_parts
+    assert parts(3, 128, 264) == 3  # the LLaMA-0.5B layer on 132 SMs: 384 programs
+    assert parts(8, 128, 264) == 4  # 2 gives 256, short of the target
+    assert parts(8, 132, 264) == 2
+    assert parts(6, 10, 10**9) == 6  # never past the group
+    assert parts(4, 300, 264) == 1 and parts(1, 10, 264) == 1
+
+
+@pytest.mark.parametrize("target", [16, 10**9])  # half the group per program / one head each
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_group_shared_out_in_dkdv(device, monkeypatch, target, causal):
+    """The dK/dV pass with the GQA group's query heads shared out among programs (parts' float32
+    sums added on the host): gradients as the reference's, with key padding, in k's strides."""
+    chosen = []
+    choose = op._dkdv_group_parts
+    monkeypatch.setattr(op, "_dkdv_target", lambda dev: target)
+    monkeypatch.setattr(op, "_dkdv_group_parts", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    q, k, v = _inputs(device, torch.float16, 2, 8, 2, 70, 140, 64, layout="bshd")
+    mask = torch.arange(140)[None, :] < torch.tensor([140, 97])[:, None]
+    _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
+    assert chosen and all(p == (2 if target == 16 else 4) for p in chosen), chosen
+    with torch.no_grad():
+        out, lse = flash_attn(q, k, v, causal=causal, return_lse=True)
+        args = (q, k, v, out, lse, torch.randn_like(out), None, None, None, causal, 0.125, 0.0)
+        _, dk, dv = op._backward(*args, None, 0)
+    assert dk.stride() == k.stride() and dv.stride() == v.stride()
+
+
 @pytest.mark.parametrize("layout", ["bshd", "sliced"])
 def test_non_contiguous(device, layout):
     q, k, v = _inputs(device, torch.float16, 2, 4, 2, 65, 65, 64, layout=layout)
@@ -203,7 +232,7 @@ def test_every_output_written(device, case, poisoned_allocations, monkeypatch):
     key to attend among them), dropout's three passes."""
     kw = dict(causal=True)
     if case == "decode slices":
-        monkeypatch.setattr(op, "_target_programs", lambda device: 1000)  # a slice per block
+        monkeypatch.setattr(op, "_target_programs", lambda device, n: 1000)  # a slice per block
         q, k, v = _inputs(device, torch.float16, 3, 8, 2, 2, 300, 64)
         keys = torch.arange(300)
         mask = torch.stack([keys >= 250, keys == 7, torch.zeros(300, dtype=torch.bool)])

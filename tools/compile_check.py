@@ -69,6 +69,8 @@ def _signature(kernel, element: str, constexprs: dict) -> dict:
             signature[p.name] = "constexpr"
         elif p.name in pointers:
             signature[p.name] = pointers[p.name]
+        elif p.name in ("DK", "DV") and constexprs.get("GROUP_PARTS", 1) > 1:
+            signature[p.name] = "*fp32"  # the group's parts write float32 sums
         elif p.name in data:
             signature[p.name] = f"*{element}"
         elif p.name in floats:
@@ -137,9 +139,13 @@ def specialisations() -> list[tuple]:
         for short, name in names.items():
             cfg = table[short](head_dim, False)
             base = attention_constexprs(dtype, head_dim, cfg)
+            # an int, not a flag: the dK/dV pass's share of the GQA group (op._dkdv_group_parts)
+            counts = {"GROUP_PARTS": 2} if short == "dkdv" else {}
+            base.update(dict.fromkeys(counts, 1))
             off = {flag: False for flag in feature_flags(kernels[short], base)}
             choices = [("none", off), ("all", {flag: True for flag in off})]
             choices += [(flag, dict(off, **{flag: True})) for flag in off]
+            choices += [(f"{name}={n}", dict(off, **{name: n})) for name, n in counts.items()]
             for label, chosen in choices:
                 run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 label = f"{short} {dtype} D{head_dim} {label}"

@@ -5,8 +5,9 @@ pass keeps one Q block resident and loops over K/V; it also computes the softmax
 term ``delta_i = rowsum(dO_i * O_i) - dlse_i`` for its rows (no separate preprocess launch)
 and stores it for the dK/dV pass, which runs after it on the same stream. The dK/dV pass
 keeps one K/V block resident and loops over the query blocks of every query head that shares
-it (GQA sums there, in registers). Each output element is written by exactly one program, so
-there are no atomics and repeated runs give bitwise-identical gradients.
+it (GQA sums there, in registers), or of a part of them when there are too few K/V blocks to fill
+the GPU (the parts' sums are added on the host). Each output element is written by exactly one
+program, so there are no atomics and repeated runs give bitwise-identical gradients.
 """
 
 import triton
@@ -227,6 +228,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvd,
     stride_kpm_b,
     stride_seg_b,
+    stride_part,
     num_heads_q,
     num_heads_kv,
     seqlen_q,
@@ -247,10 +249,17 @@ def attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     PAD_Q: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    GROUP_PARTS: tl.constexpr,
 ):
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
-    bh_kv, first, n_turns = _program_blocks(n_blocks_n, IS_CAUSAL, False)
+    bh_part, first, n_turns = _program_blocks(n_blocks_n, IS_CAUSAL, False)
+    # GROUP_PARTS > 1: the GQA group's query heads are shared out among that many programs per
+    # K/V block (too few K/V blocks to fill the GPU otherwise); each writes its part's float32
+    # dK/dV sums at DK/DV + part * stride_part, and the host adds the parts up
+    part = bh_part % GROUP_PARTS
+    bh_kv = bh_part // GROUP_PARTS
+    HEADS_PER_PART: tl.constexpr = GROUP // GROUP_PARTS
     # 64-bit offsets: a head, a row or a batch element may lie past 2^31 elements
     b64 = (bh_kv // num_heads_kv).to(tl.int64)
     h_kv = (bh_kv % num_heads_kv).to(tl.int64)
@@ -330,10 +339,11 @@ def attn_bwd_dkdv_kernel(
             q_end = tl.minimum(q_end, tl.maximum(start_n + BLOCK_N - 1 - causal_offset + window, 0))
             ragged_k = ragged_k | (window > 0)
         # a key block outside the kept keys gets dK = dV = 0 without visiting any query
-        n_heads = tl.where((start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo), 0, GROUP)
+        skip = (start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo)
+        n_heads = tl.where(skip, 0, HEADS_PER_PART)
 
         for g in range(n_heads):
-            h = h_kv * GROUP + g
+            h = h_kv * GROUP + part * HEADS_PER_PART + g
             bh = b64 * num_heads_q + h
             q_base = Q + b64 * stride_qb + h * stride_qh
             do_base = DO + b64 * stride_dob + h * stride_doh
@@ -533,8 +543,9 @@ def attn_bwd_dkdv_kernel(
         if HAS_DROPOUT:
             dv = dv * (1.0 / (1.0 - dropout_p))
             dv1 = dv1 * (1.0 / (1.0 - dropout_p))
-        dk_rows = DK + b64 * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn
-        dv_rows = DV + b64 * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn
+        part_off = part.to(tl.int64) * stride_part
+        dk_rows = DK + part_off + b64 * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn
+        dv_rows = DV + part_off + b64 * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn
         tl.store(dk_rows + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(dv_rows + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
         if SPLIT_D:
