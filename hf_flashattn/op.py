@@ -168,17 +168,27 @@ def _decode_splits(programs: int, seqlen_k: int, block_n: int, device) -> tuple[
     return triton_cdiv(seqlen_k, split_len), split_len
 
 
+def _dkdv_config(head_dim: int) -> KernelConfig:
+    return _FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING)
+
+
 def _dkdv_programs(head_dim: int, seqlen_k: int, causal: bool) -> int:
     """Programs the dK/dV pass launches per (batch, K/V head): one per key block, or per
     causal pair of them."""
-    block_n = (_FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING)).block_n
-    blocks = triton_cdiv(seqlen_k, block_n)
+    blocks = triton_cdiv(seqlen_k, _dkdv_config(head_dim).block_n)
     return (blocks + 1) // 2 if causal else blocks
 
 
-def _dkdv_target(device: torch.device) -> int:
-    # two waves; the interpreter runs programs one by one: never split there unless a test asks
-    return 2 * _sm_count(device.index) if device.type == "cuda" else 1
+def _dkdv_target(device: torch.device, num_warps: int) -> int:
+    """Programs the dK/dV pass should have before sharing out GQA groups. Two waves of 4-warp
+    programs (head_dim <= 64): at (8, 16:2, 2048, 64) the call's forward + backward went 0.63x
+    -> 0.79x sdpa, 0.59x -> 0.80x at (2, 16:2, 8192, 64). None for 8-warp programs, which fill
+    an SM alone: at the LLaMA-0.5B layer sharing took 0.86x to 0.65x, Llama-3-8B-like even
+    (H200, benchmarks/NOTES.md tenth session). The interpreter runs programs one by one:
+    never shared there unless a test asks."""
+    if device.type != "cuda" or num_warps > 4:
+        return 1
+    return 2 * _sm_count(device.index)
 
 
 def _dkdv_group_parts(group: int, programs: int, target: int) -> int:
@@ -377,8 +387,9 @@ def _backward(
     store = _store_dtype(q.dtype)
     dq = torch.empty_like(q, dtype=store)
     group = heads_q // heads_kv
-    key_blocks = _dkdv_programs(head_dim, seqlen_k, causal)
-    parts = _dkdv_group_parts(group, batch * heads_kv * key_blocks, _dkdv_target(q.device))
+    programs = batch * heads_kv * _dkdv_programs(head_dim, seqlen_k, causal)
+    target = _dkdv_target(q.device, _dkdv_config(head_dim).num_warps)
+    parts = _dkdv_group_parts(group, programs, target)
     if parts == 1:
         dk = torch.empty_like(k, dtype=store)
         dv = torch.empty_like(v, dtype=store)

@@ -112,19 +112,20 @@ def test_dkdv_group_parts_reach_the_target_with_the_fewest_divisor():
     assert parts(4, 300, 264) == 1 and parts(1, 10, 264) == 1
 
 
-@pytest.mark.parametrize("target", [16, 10**9])  # half the group per program / one head each
+@pytest.mark.parametrize("parts", [2, 4])  # half the group per program / one head each
 @pytest.mark.parametrize("causal", [False, True])
-def test_gqa_group_shared_out_in_dkdv(device, monkeypatch, target, causal):
+def test_gqa_group_shared_out_in_dkdv(device, monkeypatch, parts, causal):
     """The dK/dV pass with the GQA group's query heads shared out among programs (parts' float32
     sums added on the host): gradients as the reference's, with key padding, in k's strides."""
     chosen = []
     choose = op._dkdv_group_parts
-    monkeypatch.setattr(op, "_dkdv_target", lambda dev: target)
+    target = parts * 2 * 2 * op._dkdv_programs(64, 140, causal)  # batch 2 x 2 K/V heads
+    monkeypatch.setattr(op, "_dkdv_target", lambda dev, warps: target)
     monkeypatch.setattr(op, "_dkdv_group_parts", lambda *a: chosen.append(choose(*a)) or chosen[-1])
     q, k, v = _inputs(device, torch.float16, 2, 8, 2, 70, 140, 64, layout="bshd")
     mask = torch.arange(140)[None, :] < torch.tensor([140, 97])[:, None]
     _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
-    assert chosen and all(p == (2 if target == 16 else 4) for p in chosen), chosen
+    assert chosen and all(p == parts for p in chosen), chosen
     with torch.no_grad():
         out, lse = flash_attn(q, k, v, causal=causal, return_lse=True)
         args = (q, k, v, out, lse, torch.randn_like(out), None, None, None, causal, 0.125, 0.0)
