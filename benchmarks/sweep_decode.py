@@ -76,6 +76,16 @@ def sweep_shape(case: str, attn, sdpa) -> dict:
     return out
 
 
+def table_ratios(results: dict) -> dict:
+    """ratios_vs_sdpa of the table's entry (marked ``*``) per shape, at level ``decode``."""
+    ratios = {}
+    for case, r in results.items():
+        for label, t in r["ours"].items():
+            if label.endswith("*") and "ms" in t:
+                ratios[f"decode/{case}/q1/fwd/kernel"] = r["sdpa_ms"] / t["ms"]
+    return ratios
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="b<batch>/k<keys>/g<group>")
@@ -95,6 +105,7 @@ def main(argv=None) -> int:
             line = "  ".join(f"{k} {r['sdpa_ms'] / timed[k]:.3f}" for k in best)
             now = f"{r['sdpa_ms'] / timed[table]:.3f}" if table else "-"
             print(f"{case:16s} sdpa {r['sdpa_ms']:.4f} ms  table {now}  best: {line}", flush=True)
+            data["ratios_vs_sdpa"] = table_ratios(data["results"])
             if args.out:
                 write_json(args.out, jsonable(data))
             torch.cuda.empty_cache()

@@ -168,15 +168,13 @@ def _decode_splits(programs: int, seqlen_k: int, block_n: int, device) -> tuple[
     return triton_cdiv(seqlen_k, split_len), split_len
 
 
-def _dkdv_config(head_dim: int) -> KernelConfig:
-    return _FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING)
-
-
-def _dkdv_programs(head_dim: int, seqlen_k: int, causal: bool) -> int:
-    """Programs the dK/dV pass launches per (batch, K/V head): one per key block, or per
-    causal pair of them."""
-    blocks = triton_cdiv(seqlen_k, _dkdv_config(head_dim).block_n)
-    return (blocks + 1) // 2 if causal else blocks
+def _dkdv_parts(group: int, heads_kv: int, head_dim: int, seqlen_k: int, causal: bool, device):
+    """The dK/dV pass's GQA group parts for ``heads_kv`` (batch x K/V heads) programs per key
+    block (or causal pair of them)."""
+    cfg = _FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING)
+    blocks = triton_cdiv(seqlen_k, cfg.block_n)
+    programs = heads_kv * ((blocks + 1) // 2 if causal else blocks)
+    return _dkdv_group_parts(group, programs, _dkdv_target(device, cfg.num_warps))
 
 
 def _dkdv_target(device: torch.device, num_warps: int) -> int:
@@ -194,9 +192,9 @@ def _dkdv_target(device: torch.device, num_warps: int) -> int:
 def _dkdv_group_parts(group: int, programs: int, target: int) -> int:
     """How many programs share each K/V block's GQA group in the dK/dV pass: the fewest (a
     divisor of the group) that bring ``programs`` (one per K/V block, or causal pair) to
-    ``target``. One program walking the whole group left the pass under one wave at the
-    LLaMA-0.5B layer (4 x 4 K/V heads x 8 causal pairs = 128 programs on 132 SMs); the parts
-    cost their float32 sums and one addition pass."""
+    ``target``. One program walking the whole group left the pass under one wave of 4-warp
+    programs at (8, 16:2, 2048, 64) (8 x 2 K/V heads x 8 causal pairs = 128 on 132 SMs); the
+    parts cost their float32 sums and one addition pass."""
     for parts in range(1, group + 1):
         if group % parts == 0 and programs * parts >= target:
             return parts
@@ -387,9 +385,9 @@ def _backward(
     store = _store_dtype(q.dtype)
     dq = torch.empty_like(q, dtype=store)
     group = heads_q // heads_kv
-    programs = batch * heads_kv * _dkdv_programs(head_dim, seqlen_k, causal)
-    target = _dkdv_target(q.device, _dkdv_config(head_dim).num_warps)
-    parts = _dkdv_group_parts(group, programs, target)
+    parts = 1
+    if group > 1:
+        parts = _dkdv_parts(group, batch * heads_kv, head_dim, seqlen_k, causal, q.device)
     if parts == 1:
         dk = torch.empty_like(k, dtype=store)
         dv = torch.empty_like(v, dtype=store)
