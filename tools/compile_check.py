@@ -120,10 +120,23 @@ def attention_constexprs(dtype: str, head_dim: int, cfg) -> dict:
     )
 
 
+# constexprs that are counts, not flags: (the launch's usual value, another one to compile)
+COUNTS = {"GROUP_PARTS": (1, 2)}  # the dK/dV pass's share of the GQA group (op._dkdv_parts)
+
+
+def count_constexprs(fn) -> dict:
+    """The kernel's count constexprs at their usual values."""
+    return {p.name: COUNTS[p.name][0] for p in fn.params if p.name in COUNTS}
+
+
 def feature_flags(fn, constexprs: dict) -> list[str]:
     """The kernel's other constexprs: its feature flags (IS_CAUSAL, HAS_KPM, ...), read from
     the signature, so a new flag is compiled without editing this file."""
-    return [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    return [
+        p.name
+        for p in fn.params
+        if p.is_constexpr and p.name not in constexprs and p.name not in COUNTS
+    ]
 
 
 def specialisations() -> list[tuple]:
@@ -139,13 +152,12 @@ def specialisations() -> list[tuple]:
         for short, name in names.items():
             cfg = table[short](head_dim, False)
             base = attention_constexprs(dtype, head_dim, cfg)
-            # an int, not a flag: the dK/dV pass's share of the GQA group (op._dkdv_group_parts)
-            counts = {"GROUP_PARTS": 2} if short == "dkdv" else {}
-            base.update(dict.fromkeys(counts, 1))
+            counts = count_constexprs(kernels[short])
+            base.update(counts)
             off = {flag: False for flag in feature_flags(kernels[short], base)}
             choices = [("none", off), ("all", {flag: True for flag in off})]
             choices += [(flag, dict(off, **{flag: True})) for flag in off]
-            choices += [(f"{name}={n}", dict(off, **{name: n})) for name, n in counts.items()]
+            choices += [(f"{c}={COUNTS[c][1]}", dict(off, **{c: COUNTS[c][1]})) for c in counts]
             for label, chosen in choices:
                 run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 label = f"{short} {dtype} D{head_dim} {label}"

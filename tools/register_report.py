@@ -54,6 +54,7 @@ def jobs(only: str) -> list[tuple]:
         kernel = compile_check.kernel(name)
         cfg = compile_check.config_table(short)(head_dim, False)
         constexprs = compile_check.attention_constexprs(dtype, head_dim, cfg)
+        constexprs.update(compile_check.count_constexprs(kernel))
         flags = compile_check.feature_flags(kernel, constexprs)
         constexprs.update({flag: chosen.get(flag, ALWAYS_ON.get(flag, False)) for flag in flags})
         label = f"{short} {element} D{head_dim} {feature} ({_config_label(cfg)})"
