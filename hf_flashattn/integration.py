@@ -56,7 +56,7 @@ from transformers.masking_utils import (
 
 from .op import flash_attn
 from .packing import cu_seqlens_from_starts, token_bounds
-from .support import sliding_window, unsupported_reason
+from .support import narrower_window, sliding_window, unsupported_reason
 
 ATTN_IMPLEMENTATION = "triton_attention"
 
@@ -346,7 +346,7 @@ def _match(
 ) -> KernelMask | None:
     """Whether a 4-D bool mask equals key padding (+ bottom-right causal), and which. With a
     sliding window narrower than the keys: key padding + causal within that window, or None."""
-    if window is not None and max(q_len, kv_len) > window:
+    if narrower_window(window, q_len, kv_len) is not None:
         # The padding of keys no query sees does not matter (the window hides them): take the
         # keys some query sees as the padding row.
         kpm = allowed[:, 0].any(-2)
@@ -582,9 +582,7 @@ def attention_forward(
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     q_len, k_len = query.shape[2], key.shape[2]
-    window = sliding_window(module, kwargs)
-    if window is not None and max(q_len, k_len) <= window:
-        window = None  # the window covers every key: plain attention, exactly
+    window = narrower_window(sliding_window(module, kwargs), q_len, k_len)
     km = kernel_mask(attention_mask, causal, q_len, k_len, window)
     reason = unsupported_reason(
         module,
@@ -619,7 +617,7 @@ def attention_forward(
         dropout_p=dropout,
         key_padding_mask=kpm,
         cu_seqlens=cu_seqlens,
-        sliding_window=window if window is not None and max(q_len, km.kv_len) > window else None,
+        sliding_window=narrower_window(window, q_len, km.kv_len),  # unused cache slots cut
     )
     return out.transpose(1, 2), None
 

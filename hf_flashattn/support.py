@@ -111,6 +111,13 @@ def sliding_window(module: nn.Module, kwargs: Mapping[str, object]) -> int | Non
     return window
 
 
+def narrower_window(window: int | None, q_len: int, kv_len: int) -> int | None:
+    """``window`` where it hides some key, else None. Inside the window every query sees every
+    key (the farthest pair is max(q_len, kv_len) - 1 apart): the window changes nothing there,
+    and plain attention is exact (and cheaper: no block needs the window's mask)."""
+    return window if window is not None and max(q_len, kv_len) > window else None
+
+
 def unsupported_reason(
     module: nn.Module,
     query: torch.Tensor,
@@ -150,11 +157,9 @@ def unsupported_reason(
         return FALLBACK_REASONS["head_size"]
     if not (query.device.type == "cuda" or (query.device.type == "cpu" and INTERPRETING)):
         return FALLBACK_REASONS["device"]
-    window = sliding_window(module, kwargs)
-    # Inside the window every query sees every key (the farthest pair is max(seq_q, kv_len) - 1
-    # apart), so the window changes nothing and the kernels stay exact. Narrower, the kernels
-    # take a causal window (flash_attn's sliding_window), not a bidirectional one.
-    if window is not None and max(query.shape[2], kv_len) > window and not causal:
+    # the kernels take a causal window (flash_attn's sliding_window), not a bidirectional one
+    window = narrower_window(sliding_window(module, kwargs), query.shape[2], kv_len)
+    if window is not None and not causal:
         return FALLBACK_REASONS["sliding_window"]
     if kwargs.get("softcap") is not None:
         return FALLBACK_REASONS["softcap"]
