@@ -244,6 +244,16 @@ def _pads_queries(has_kpm: bool, causal: bool, seqlen_q: int, seqlen_k: int) -> 
     return has_kpm and causal and seqlen_q == seqlen_k
 
 
+def _diagonal(causal: bool, window: int) -> tuple[bool, int, int]:
+    """The kernels' (causal, window, shift) for a call's causality and sliding window. The
+    kernels mask keys past a diagonal moved ``shift`` keys right of the bottom-right one, and
+    ``window`` keys back from it: a bidirectional window W (|i + seq_k - seq_q - j| < W) is the
+    causal window of 2W - 1 keys with the diagonal W - 1 keys to the right."""
+    if window and not causal:
+        return True, 2 * window - 1, window - 1
+    return causal, window, 0
+
+
 # ---------------------------------------------------------------------------- launch functions
 @_on_device
 def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window):
@@ -270,10 +280,12 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     has_seg = segments is not None
     group = heads_q // heads_kv
     pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
+    causal, window, shift = _diagonal(causal, window)
     # decoding, short chunks, speculative verification: few query rows per K/V head
     few_rows = group * seqlen_q <= max_decode_rows(head_dim)
     if dropout_p == 0.0 and not has_seg and not pad_q and few_rows:
-        _split_kv_forward(q, k, v, out, lse, kpm if has_kpm else None, causal, scale, window)
+        kpm_or_none = kpm if has_kpm else None
+        _split_kv_forward(q, k, v, out, lse, kpm_or_none, causal, scale, window, shift)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
@@ -295,6 +307,7 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
             seqlen_q,
             seqlen_k,
             window,
+            shift,
         ),
     )
     if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
@@ -302,14 +315,14 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     return out, lse
 
 
-def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window) -> None:
+def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window, shift) -> None:
     """Few query rows against many keys (decoding): the keys split over programs so the GPU
     fills, the query heads of a GQA group packed into one tile, the slices merged through their
     log-sum-exps (kernels/decode.py). Writes ``out`` and ``lse`` like the main forward. With a
     sliding window only the keys some query sees are read: the cache's tail, whose bottom-right
     alignment is the whole cache's."""
     if window:
-        first = k.shape[2] - q.shape[2] - window + 1
+        first = k.shape[2] - q.shape[2] + shift - window + 1
         if first > 0:
             k, v = k[:, :, first:], v[:, :, first:]
             if key_padding_mask is not None:
@@ -354,6 +367,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
             n_splits,
             n_parts,
             window,
+            shift,
         ),
     )
     _combine_launcher(head_dim, n_splits)(
@@ -384,6 +398,8 @@ def _backward(
         dlse = dlse.contiguous()  # e.g. the expanded ones of lse.sum()'s backward
     store = _store_dtype(q.dtype)
     dq = torch.empty_like(q, dtype=store)
+    pad_q = _pads_queries(key_padding_mask is not None, causal, seqlen_q, seqlen_k)
+    causal, window, shift = _diagonal(causal, window)
     group = heads_q // heads_kv
     parts = 1
     if group > 1:
@@ -402,7 +418,6 @@ def _backward(
     seg, seg_stride = (segments, segments.stride(0)) if has_seg else (q, 0)
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
-    pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
     flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0)
     key = (q.dtype, head_dim, group, causal, *flags, has_dlse)
     _launcher("dq", key)(
@@ -423,6 +438,7 @@ def _backward(
             seqlen_q,
             seqlen_k,
             window,
+            shift,
         ),
     )
     _launcher("dkdv", key[:-1] + (parts,))(
@@ -445,6 +461,7 @@ def _backward(
             seqlen_q,
             seqlen_k,
             window,
+            shift,
         ),
     )
     if parts > 1:  # strided like k and v, as the custom op's fake says
@@ -703,8 +720,10 @@ def flash_attn(
         sliding_window: int >= 1, default None. With causal=True, query ``i`` sees only the
             ``sliding_window`` keys ending at its own position: ``i + seq_k - seq_q -
             sliding_window < j <= i + seq_k - seq_q`` (transformers' sliding-window layers:
-            Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``). Keys below every query's
-            window are not visited.
+            Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``). With causal=False, the keys
+            less than ``sliding_window`` away on either side: ``|i + seq_k - seq_q - j| <
+            sliding_window`` (ModernBERT's local layers, EmbeddingGemma, T5Gemma). Keys outside
+            every query's window are not visited.
         return_lse: bool, default False. Also return the log-sum-exp of the scaled scores
             (differentiable: gradients through it reach q and k).
         layout: "bhsd" (default) or "bshd", the layout of q, k, v and of out.
@@ -723,8 +742,6 @@ def flash_attn(
             raise TypeError(f"sliding_window must be an int, got {type(sliding_window).__name__}")
         if sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-        if not causal:
-            raise ValueError("sliding_window needs causal=True (a window ending at each query)")
         window = sliding_window
     segments = None
     if cu_seqlens is not None:

@@ -29,7 +29,8 @@ def attention_ref(
 ):
     """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None;
     cu_seqlens (n + 1,) or (b, n + 1): packed sequences, each attending only within itself;
-    sliding_window: query i sees keys j > i + sk - sq - sliding_window too."""
+    sliding_window: query i sees keys j > i + sk - sq - sliding_window too (and, not causal,
+    j < i + sk - sq + sliding_window)."""
     dtype_out = q.dtype
     if upcast:
         # float64 wherever affordable; float32 on the GPU is enough for 16-bit inputs
@@ -79,6 +80,8 @@ def _visible(q, k, causal, key_padding_mask, cu_seqlens, sliding_window=None):
         visible = visible.tril(seqlen_k - seqlen_q)
     if sliding_window is not None:
         visible = visible.triu(seqlen_k - seqlen_q - sliding_window + 1)
+        if not causal:  # bidirectional: as far on the other side
+            visible = visible.tril(seqlen_k - seqlen_q + sliding_window - 1)
     visible = visible.expand(q.shape[0], 1, seqlen_q, seqlen_k)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]

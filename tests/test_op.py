@@ -428,6 +428,24 @@ def test_sliding_window(device, shape, window):
     _check(device, torch.float16, q, k, v, causal=True, sliding_window=window)
 
 
+@pytest.mark.parametrize(
+    "shape,window",
+    [
+        ((2, 4, 2, 150, 150, 64), 40),  # self-attention, GQA, ragged blocks
+        ((1, 2, 2, 200, 200, 64), 33),  # the window's far ends on block edges (64 - 33 + 1 ...)
+        ((1, 4, 4, 70, 200, 64), 90),  # bottom-right aligned, as the causal window
+        ((1, 2, 1, 130, 130, 96), 1),  # each query sees itself only; head dim in two chunks
+        ((1, 8, 2, 3, 300, 64), 50),  # few queries: the split-KV path reads the window's keys
+        ((1, 2, 2, 64, 64, 32), 500),  # a window wider than the keys: plain attention
+    ],
+)
+def test_bidirectional_sliding_window(device, shape, window):
+    """causal=False: query i sees keys |i + seq_k - seq_q - j| < window (ModernBERT's local
+    layers): forward, LSE and gradients against the reference."""
+    q, k, v = _inputs(device, torch.float16, *shape)
+    _check(device, torch.float16, q, k, v, causal=False, sliding_window=window)
+
+
 @pytest.mark.parametrize("configs", ["here", "gpu D64"])
 def test_sliding_window_with_padding_and_packing(device, configs):
     """The window with key padding (padded queries too: causal self-attention) and with packed
@@ -442,10 +460,11 @@ def test_sliding_window_with_padding_and_packing(device, configs):
         mask = torch.ones(2, 160, dtype=torch.bool)
         mask[0, 120:] = False
         mask[1, :30] = False
-        kw = dict(causal=True, sliding_window=50)
-        _check(device, torch.float16, q, k, v, key_padding_mask=mask.to(device), **kw)
-        cu = torch.tensor([0, 70, 100, 160], device=device)
-        _check(device, torch.float16, q, k, v, cu_seqlens=cu, **kw)
+        for causal in (True, False):  # the bidirectional window too (padded queries kept)
+            kw = dict(causal=causal, sliding_window=50)
+            _check(device, torch.float16, q, k, v, key_padding_mask=mask.to(device), **kw)
+            cu = torch.tensor([0, 70, 100, 160], device=device)
+            _check(device, torch.float16, q, k, v, cu_seqlens=cu, **kw)
 
 
 # ------------------------------------------------------------------------------- GPU configs
@@ -529,7 +548,6 @@ def _good(device):
         ("big_head_dim", ValueError, "head_dim"),
         ("window_zero", ValueError, "sliding_window"),
         ("window_float", TypeError, "sliding_window"),
-        ("window_not_causal", ValueError, "sliding_window"),
     ],
 )
 def test_bad_input(device, case, exc, match):
@@ -556,8 +574,7 @@ def test_bad_input(device, case, exc, match):
     elif case == "big_head_dim":
         q, k, v = (torch.randn(1, 1, 4, 264, device=device, dtype=torch.float16) for _ in range(3))
     elif case.startswith("window"):
-        kw["sliding_window"] = {"window_zero": 0, "window_float": 4.0}.get(case, 4)
-        kw["causal"] = case != "window_not_causal"
+        kw["sliding_window"] = {"window_zero": 0, "window_float": 4.0}[case]
     with pytest.raises(exc, match=match):
         flash_attn(q, k, v, **kw)
 

@@ -234,6 +234,7 @@ def attn_bwd_dkdv_kernel(
     seqlen_q,
     seqlen_k,
     window,
+    shift,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -273,7 +274,9 @@ def attn_bwd_dkdv_kernel(
     kpm_ptr = KPM + b64 * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
     seg_ptr = Seg + b64 * stride_seg_b
-    causal_offset = seqlen_k - seqlen_q
+    # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
+    # bidirectional sliding window is a causal one with its diagonal moved)
+    causal_offset = seqlen_k - seqlen_q + shift
     for turn in range(n_turns):
         start_n = _turn_block(first, turn, n_blocks_n) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -577,6 +580,7 @@ def attn_bwd_dq_kernel(
     seqlen_q,
     seqlen_k,
     window,
+    shift,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -614,7 +618,9 @@ def attn_bwd_dq_kernel(
     kpm_ptr = KPM + b64 * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
     seg_ptr = Seg + b64 * stride_seg_b
-    causal_offset = seqlen_k - seqlen_q
+    # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
+    # bidirectional sliding window is a causal one with its diagonal moved)
+    causal_offset = seqlen_k - seqlen_q + shift
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)

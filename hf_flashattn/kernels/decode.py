@@ -52,6 +52,7 @@ def attn_decode_split_kernel(
     n_splits,
     n_parts,
     window,
+    shift,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -105,8 +106,9 @@ def attn_decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q).
-    causal_offset = seqlen_k - seqlen_q
+    # Bottom-right causal alignment: query i sees keys j <= i + (seqlen_k - seqlen_q), moved
+    # right by shift (op._diagonal: a bidirectional sliding window)
+    causal_offset = seqlen_k - seqlen_q + shift
     start = split * split_len
     end = tl.minimum(start + split_len, seqlen_k)
     for start_n in range(start, end, BLOCK_N):

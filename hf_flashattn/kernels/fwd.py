@@ -337,6 +337,7 @@ def attn_fwd_kernel(
     seqlen_q,
     seqlen_k,
     window,
+    shift,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -380,7 +381,9 @@ def attn_fwd_kernel(
     kpm_ptr = KPM + b * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
     seg_ptr = Seg + b * stride_seg_b
-    causal_offset = seqlen_k - seqlen_q
+    # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
+    # bidirectional sliding window is a causal one with its diagonal moved)
+    causal_offset = seqlen_k - seqlen_q + shift
     for turn in range(n_turns):
         start_m = _turn_block(first, turn, n_blocks_m) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
