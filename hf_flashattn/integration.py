@@ -292,14 +292,18 @@ def _packed_sequences(
 
 
 # ---------------------------------------------------------------------------- mask normalisation
-def _causal_pattern(q_len: int, kv_len: int, device, window: int | None = None) -> torch.Tensor:
+def _causal_pattern(
+    q_len: int, kv_len: int, device, window: int | None = None, causal: bool = True
+) -> torch.Tensor:
     """(q_len, kv_len) bool, bottom-right aligned: query i sees keys j <= i + kv_len - q_len,
-    and with a sliding window only those j > i + kv_len - q_len - window."""
+    and with a sliding window only those j > i + kv_len - q_len - window; not causal, the
+    window's keys on both sides (j < i + kv_len - q_len + window), as flash_attn's."""
     rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
     cols = torch.arange(kv_len, device=device)[None, :]
     if window is None:
         return cols <= rows
-    return (cols <= rows) & (cols > rows - window)
+    ahead = cols <= rows if causal else cols < rows + window
+    return ahead & (cols > rows - window)
 
 
 def _analyse_4d(
@@ -345,15 +349,18 @@ def _match(
     allowed: torch.Tensor, q_len: int, kv_len: int, window: int | None = None
 ) -> KernelMask | None:
     """Whether a 4-D bool mask equals key padding (+ bottom-right causal), and which. With a
-    sliding window narrower than the keys: key padding + causal within that window, or None."""
+    sliding window narrower than the keys: key padding within that window, causal (Mistral) or
+    on both sides (ModernBERT's local layers), or None."""
     if narrower_window(window, q_len, kv_len) is not None:
         # The padding of keys no query sees does not matter (the window hides them): take the
         # keys some query sees as the padding row.
         kpm = allowed[:, 0].any(-2)
-        pattern = _causal_pattern(q_len, kv_len, allowed.device, window)
-        if not bool((allowed == (kpm[:, None, None, :] & pattern)).all()):
-            return None
-        return KernelMask(None if bool(kpm.all()) else kpm, True, kv_len)
+        padded = kpm[:, None, None, :]
+        for causal in (True, False):
+            pattern = _causal_pattern(q_len, kv_len, allowed.device, window, causal)
+            if bool((allowed == (padded & pattern)).all()):
+                return KernelMask(None if bool(kpm.all()) else kpm, causal, kv_len)
+        return None
     # With bottom-right causality the last query sees every key, so its row is the padding.
     kpm = allowed[:, 0, -1, :]
     padded = kpm[:, None, None, :]
@@ -501,6 +508,8 @@ def _additive_mask(
             allowed = allowed & (cols[None, :] <= rows)
         if sliding_window is not None:
             allowed = allowed & (cols[None, :] > rows - sliding_window)
+            if not km.causal:  # bidirectional: as far on the other side
+                allowed = allowed & (cols[None, :] < rows + sliding_window)
     allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
     if km.key_padding_mask is not None:
         kpm = nn.functional.pad(km.key_padding_mask, (0, k_len - km.kv_len))
@@ -570,8 +579,8 @@ def attention_forward(
         attention_mask: None, 2-D or 4-D, in any form of the module docstring.
         scaling: float, default ``head_dim ** -0.5``. Multiplies q @ k^T (GPT-2 passes its own).
         dropout: float, default 0. Dropout probability (transformers passes 0 unless training).
-        kwargs: other keyword arguments from the model: ``output_attentions``, ``sliding_window``
-            (the kernels take a causal one; a bidirectional one narrower than the keys),
+        kwargs: other keyword arguments from the model: ``sliding_window`` (causal, or
+            bidirectional with ``is_causal`` False: the kernels take both); ``output_attentions``,
             ``softcap``, ``s_aux``, ``position_bias`` send the call to eager attention.
 
     Return:
@@ -590,9 +599,7 @@ def attention_forward(
         key,
         value,
         kwargs,
-        kv_len=km.kv_len if km else k_len,
         mask_expressible=km is not None,
-        causal=km.causal if km else causal,
     )
     if reason is not None:
         _warn_once(reason)

@@ -44,10 +44,10 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "the GPU (flash-decoding), the query heads of a GQA group sharing each K/V load",
     "static KV caches": "unused cache slots are cut off before the kernel runs",
     "bidirectional attention": "encoders, cross-attention and decoders with config.is_causal=False",
-    "sliding window": "causal sliding windows (Mistral, Gemma 2/3, Qwen2): each query block "
-    "visits only the keys in its window; transformers' windowed mask is checked once per "
-    "forward, so compiled, a window narrower than the keys runs eager (bidirectional windows: "
-    "only while the window covers every key)",
+    "sliding window": "causal (Mistral, Gemma 2/3, Qwen2) and bidirectional (ModernBERT, "
+    "EmbeddingGemma) sliding windows: each query block visits only the keys in its window; "
+    "transformers' windowed mask is checked once per forward, so compiled, a window narrower "
+    "than the keys runs eager",
     "dropout": "on the attention probabilities, drawn inside the kernel",
     "training": "forward and backward kernels; gradient checkpointing",
     "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd); "
@@ -80,7 +80,6 @@ FALLBACK_REASONS: dict[str, str] = {
     "head size",
     "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before "
     "hf_flashattn is imported)",
-    "sliding_window": "a bidirectional sliding window narrower than the keys",
     "softcap": "attention logit soft-capping",
     "attention_sinks": "attention sinks (s_aux)",
     "position_bias": "an additive position bias",
@@ -125,9 +124,7 @@ def unsupported_reason(
     value: torch.Tensor,
     kwargs: Mapping[str, object],
     *,
-    kv_len: int,
     mask_expressible: bool,
-    causal: bool = True,
 ) -> str | None:
     """Why the kernels cannot serve this attention call, or None when they can.
 
@@ -137,10 +134,8 @@ def unsupported_reason(
         key: (batch_size, heads_kv, seqlen_k, head_dim).
         value: (batch_size, heads_kv, seqlen_k, head_dim_v).
         kwargs: the extra keyword arguments transformers passed to the attention function.
-        kv_len: how many keys the mask lets any query see (seqlen_k, or fewer when the tail of a
-            static cache is unused).
-        mask_expressible: whether the attention mask is key padding + (bottom-right) causal.
-        causal: whether the call is causal (the kernels' sliding window is a causal one).
+        mask_expressible: whether the attention mask is key padding + (bottom-right) causal,
+            within the call's sliding window if it has one.
 
     Return:
         A value of :data:`FALLBACK_REASONS`, or None.
@@ -157,10 +152,6 @@ def unsupported_reason(
         return FALLBACK_REASONS["head_size"]
     if not (query.device.type == "cuda" or (query.device.type == "cpu" and INTERPRETING)):
         return FALLBACK_REASONS["device"]
-    # the kernels take a causal window (flash_attn's sliding_window), not a bidirectional one
-    window = narrower_window(sliding_window(module, kwargs), query.shape[2], kv_len)
-    if window is not None and not causal:
-        return FALLBACK_REASONS["sliding_window"]
     if kwargs.get("softcap") is not None:
         return FALLBACK_REASONS["softcap"]
     if kwargs.get("s_aux") is not None:

@@ -25,6 +25,7 @@ from tiny_models import (
     left_padded_prompts,
     llama,
     mistral,
+    modernbert,
     padded_batch,
     token_losses,
 )
@@ -672,16 +673,28 @@ def test_sliding_window_covering_the_keys_runs_plain_causal(device, kernel_calls
     assert kernel_calls and all(c["sliding_window"] is None for c in kernel_calls)
 
 
-def test_bidirectional_sliding_window_narrower_than_the_keys_falls_back(device):
-    """The kernels' window is causal: a bidirectional one narrower than the keys runs eager."""
-    module = torch.nn.Module()
-    module.sliding_window = 3
-    q = torch.zeros(1, 2, 8, 16, device=device)
-    reason = support.unsupported_reason(
-        module, q, q, q, {}, kv_len=8, mask_expressible=True, causal=False
-    )
-    assert reason == support.FALLBACK_REASONS["sliding_window"]
-    assert support.unsupported_reason(module, q, q, q, {}, kv_len=8, mask_expressible=True) is None
+@pytest.mark.parametrize("padded", [True, False])
+def test_bidirectional_sliding_window_runs_the_kernels(device, padded, kernel_calls):
+    """ModernBERT's local layers (keys at most 2 away on either side, over 8 tokens):
+    transformers' bidirectional windowed mask is matched as key padding within the module's
+    window, and the kernels serve every layer, the local ones with the window and causal=False:
+    logits and gradients as eager's at the real tokens."""
+    ids, mask, labels = padded_batch(device)
+    if not padded:
+        mask = torch.ones_like(mask)
+    model = modernbert(device)
+    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
+    model.set_attn_implementation(IMPL)
+    logits, loss, grads = forward_backward(model, ids, mask, labels)
+
+    assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
+    windows = [c["sliding_window"] for c in kernel_calls]
+    assert windows == [None, 3, 3] and not any(c["causal"] for c in kernel_calls), kernel_calls
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
 def test_sliding_window_read_from_kwargs_instance_class_or_property():

@@ -17,6 +17,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     PreTrainedModel,
 )
 
@@ -70,6 +72,21 @@ _BERT = dict(
 )
 
 
+# ModernBERT: an encoder whose local layers attend to keys at most local_attention / 2 away on
+# either side (a bidirectional sliding window), every third layer global.
+_MODERNBERT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    local_attention=4,  # keys within 2 on each side
+    global_attn_every_n_layers=3,
+)
+
+
 def _build(model_class, config, device, impl: str) -> PreTrainedModel:
     torch.manual_seed(0)
     model = model_class(config).to(device).eval()
@@ -95,6 +112,12 @@ def gpt2(device, impl: str = "eager", **overrides) -> GPT2LMHeadModel:
 def bert(device, impl: str = "eager", **overrides) -> BertForMaskedLM:
     """A random 2-layer BERT encoder with its masked-LM head, without dropout unless overridden."""
     return _build(BertForMaskedLM, BertConfig(**(_BERT | overrides)), device, impl)
+
+
+def modernbert(device, impl: str = "eager", **overrides) -> ModernBertForMaskedLM:
+    """A random 3-layer ModernBERT (layers 1 and 2 local, 0 global), without dropout."""
+    config = ModernBertConfig(**(_MODERNBERT | overrides))
+    return _build(ModernBertForMaskedLM, config, device, impl)
 
 
 MODELS = {"llama": llama, "gpt2": gpt2}
