@@ -21,6 +21,7 @@ from .fwd import (
     _segment_mask,
     _segment_span,
     _turn_block,
+    _visible,
     _within_one_sequence,
 )
 
@@ -47,11 +48,9 @@ def _recompute_p(
     # P = exp2(S * scale * log2e - lse * log2e) from the raw scores S; masked entries are 0
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
-        valid = cols[None, :] < seqlen_k
-        if IS_CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        if HAS_WINDOW:
-            valid = valid & (cols[None, :] > offs_m[:, None] + causal_offset - window)
+        valid = _visible(
+            offs_m[:, None], cols[None, :], seqlen_k, causal_offset, window, IS_CAUSAL, HAS_WINDOW
+        )
         if HAS_SEG:
             valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, False)
         p = tl.where(valid, p, 0.0)
@@ -156,11 +155,15 @@ def _attn_bwd_dkdv_inner(
         # P^T = exp2(K Q^T * scale * log2e - lse * log2e); masked entries are exactly 0
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
-            valid = cols[:, None] < seqlen_k
-            if IS_CAUSAL:
-                valid = valid & (cols[:, None] <= offs_m[None, :] + causal_offset)
-            if HAS_WINDOW:
-                valid = valid & (cols[:, None] > offs_m[None, :] + causal_offset - window)
+            valid = _visible(
+                offs_m[None, :],
+                cols[:, None],
+                seqlen_k,
+                causal_offset,
+                window,
+                IS_CAUSAL,
+                HAS_WINDOW,
+            )
             if HAS_SEG:
                 valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, True)
             p_t = tl.where(valid, p_t, 0.0)
@@ -340,7 +343,8 @@ def attn_bwd_dkdv_kernel(
             # causal sliding window: key j is seen by queries i < j - causal_offset + window,
             # and every block is masked
             q_end = tl.minimum(q_end, tl.maximum(start_n + BLOCK_N - 1 - causal_offset + window, 0))
-            ragged_k = ragged_k | (window > 0)
+            lo_full = q_end
+            hi_full = q_end
         lo_full = tl.where(ragged_k, q_end, lo_full)
         hi_full = tl.where(ragged_k, q_end, hi_full)
         # a key block outside the kept keys gets dK = dV = 0 without visiting any query

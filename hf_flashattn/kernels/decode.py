@@ -13,6 +13,8 @@ Masks as in the main forward: key padding, bottom-right causal alignment, the se
 import triton
 import triton.language as tl
 
+from .fwd import _visible
+
 
 # Lengths, the mask's row stride and the cache's batch/head strides change every decoding step
 # (a dynamic cache grows by a copy): unspecialised, one compiled kernel serves every step
@@ -122,11 +124,9 @@ def attn_decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        valid = cols[None, :] < end
-        if IS_CAUSAL:
-            valid = valid & (cols[None, :] <= qi[:, None] + causal_offset)
-        if HAS_WINDOW:  # causal sliding window: keys j > i + causal_offset - window
-            valid = valid & (cols[None, :] > qi[:, None] + causal_offset - window)
+        valid = _visible(
+            qi[:, None], cols[None, :], end, causal_offset, window, IS_CAUSAL, HAS_WINDOW
+        )
         if HAS_KPM:
             keep_col = tl.load(kpm_ptr + cols, mask=cols < end, other=0)
             valid = valid & (keep_col[None, :] != 0)

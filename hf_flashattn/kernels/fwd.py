@@ -86,6 +86,22 @@ def _within_one_sequence(seg_ptr, first, count, seqlen, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _visible(
+    rows, cols, limit, causal_offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr
+):
+    # Which (query row, key column) pairs attend, from broadcastable index tensors (the dK/dV
+    # pass gives them transposed): keys before ``limit``, then bottom-right causality (query i
+    # sees keys j <= i + causal_offset) and the sliding window (keys j > i + causal_offset -
+    # window). Packed sequences and key padding are masked by the callers that have them.
+    valid = cols < limit
+    if IS_CAUSAL:
+        valid = valid & (cols <= rows + causal_offset)
+    if HAS_WINDOW:
+        valid = valid & (cols > rows + causal_offset - window)
+    return valid
+
+
+@triton.jit
 def _key_bounds(
     start_m,
     seqlen_q,
@@ -265,11 +281,15 @@ def _attn_fwd_inner(
             qk = qk * qk_scale
         # -- mask: sequence end, causal diagonal and packed sequences only in the MASKED stage
         if MASKED:
-            valid = cols[None, :] < seqlen_k
-            if IS_CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + causal_offset)
-            if HAS_WINDOW:
-                valid = valid & (cols[None, :] > offs_m[:, None] + causal_offset - window)
+            valid = _visible(
+                offs_m[:, None],
+                cols[None, :],
+                seqlen_k,
+                causal_offset,
+                window,
+                IS_CAUSAL,
+                HAS_WINDOW,
+            )
             if HAS_SEG:
                 valid = valid & _segment_mask(seg_ptr, offs_m, cols, seqlen_q, False)
             qk = tl.where(valid, qk, float("-inf"))
