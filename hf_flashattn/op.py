@@ -702,9 +702,11 @@ def flash_attn(
         causal: bool, default False. Apply the bottom-right aligned causal mask.
         scale: float, default ``head_dim ** -0.5``. Multiplies q @ k^T before the softmax.
         dropout_p: float in [0, 1), default 0. Dropout on the attention probabilities, drawn
-            in the kernel (Philox, 16 bits per element, so the rate is applied at a resolution
-            of 1/65536; kept values scale by exactly 1 / (1 - dropout_p)) from a seed taken
-            from the default generator of q's device.
+            in the kernel (Philox, 8 bits per element as FlashAttention-2 draws them, so the
+            rate applied is dropout_p rounded to a multiple of 1/256, at most 255/256:
+            ``applied_dropout_rate``; kept values scale by exactly 1 / (1 - that rate), so
+            the output's expectation is the undropped one) from a seed taken from the default
+            generator of q's device.
         key_padding_mask: (batch_size, seqlen_k) bool, default None. True = attend. A query
             row with no key to attend to gives zeros (and zero gradients), never NaN. With
             causal=True and seqlen_q == seqlen_k (causal self-attention: query i is key i's
@@ -763,7 +765,7 @@ def flash_attn(
         v = v.contiguous()
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
-    causal, dropout_p = bool(causal), float(dropout_p)
+    causal, dropout_p = bool(causal), applied_dropout_rate(dropout_p)
     seed = _new_seed(q.device) if dropout_p > 0.0 else None
     args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window)
     if torch.compiler.is_compiling():
@@ -775,6 +777,14 @@ def flash_attn(
     if bshd:
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def applied_dropout_rate(dropout_p: float) -> float:
+    """The dropout rate the kernels apply for a requested ``dropout_p``: the nearest multiple
+    of 1/256 (the kernels draw one byte per probability), at most 255/256. The kernels keep a
+    probability when its draw is >= 256 x this rate and scale kept ones by 1 / (1 - this rate),
+    so dropout stays unbiased; a rate below 1/512 applies none."""
+    return min(round(float(dropout_p) * 256), 255) / 256
 
 
 def dropout_keep_mask(
@@ -801,6 +811,13 @@ def dropout_keep_mask(
     mask = torch.empty((batch, heads_q, n_rows, seqlen_k), dtype=torch.int8, device=device)
     block = 64 if INTERPRETING else 128
     dropout_mask_kernel[(triton_cdiv(n_rows, block) * batch * heads_q,)](
-        mask, seed, rows, dropout_p, n_rows, seqlen_k, BLOCK_M=block, BLOCK_N=block
+        mask,
+        seed,
+        rows,
+        applied_dropout_rate(dropout_p),
+        n_rows,
+        seqlen_k,
+        BLOCK_M=block,
+        BLOCK_N=block,
     )
     return mask.bool()

@@ -48,7 +48,9 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "EmbeddingGemma) sliding windows: each query block visits only the keys in its window; "
     "transformers' windowed mask is checked once per forward, so compiled, a window narrower "
     "than the keys runs eager",
-    "dropout": "on the attention probabilities, drawn inside the kernel",
+    "dropout": "on the attention probabilities, drawn inside the kernel, one byte per "
+    "probability as FlashAttention-2 draws it: the rate applied is the requested one rounded to "
+    "1/256 (op.applied_dropout_rate), and kept values scale by exactly that rate's 1 / (1 - p)",
     "training": "forward and backward kernels; gradient checkpointing",
     "torch.compile": "the kernels are torch.library custom ops (hf_flashattn::fwd / ::bwd); "
     "causal, bidirectional and sliding-window (window covering the keys) models, padded or not, "
