@@ -14,7 +14,7 @@ from test_op import FLOOR, _check, _inputs
 from tiny_models import gpt2, llama
 
 from hf_flashattn import flash_attn, integration, op
-from hf_flashattn.op import _new_seed, dropout_keep_mask
+from hf_flashattn.op import _new_seed, applied_dropout_rate, dropout_keep_mask
 from hf_flashattn.packing import cu_seqlens_from_position_ids, token_bounds
 
 
@@ -71,7 +71,10 @@ def test_packed_rows_with_dropout_use_the_kernels_own_mask(device):
     out = flash_attn(q, k, v, causal=True, dropout_p=p, cu_seqlens=cu)
     torch.manual_seed(7)
     keep = dropout_keep_mask(_new_seed(device), 1, 2, seqlen, seqlen, p, device)
-    ref, _ = attention_ref(q, k, v, causal=True, cu_seqlens=cu, dropout_keep=keep, dropout_p=p)
+    applied = applied_dropout_rate(p)  # 51/256: the kernels scale by its 1 / (1 - p)
+    ref, _ = attention_ref(
+        q, k, v, causal=True, cu_seqlens=cu, dropout_keep=keep, dropout_p=applied
+    )
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
