@@ -346,21 +346,26 @@ def test_dropout_mean_approaches_no_dropout(device):
     assert (mean - exact).abs().mean() < single / 3
 
 
-def test_dropout_draws_are_independent_across_the_columns_one_philox_call_serves(device):
-    """One Philox call draws sixteen adjacent columns (a byte each): each of the sixteen must
-    keep at rate 1 - p, and columns must agree only as often as independent draws do (a column
-    reusing another's draw, or part of one, agrees every time or far more often)."""
+def test_dropout_draws_are_independent_across_the_elements_one_philox_call_serves(device):
+    """One Philox call draws sixteen elements (a byte each): rows r, r+1, r+8, r+9 x columns c,
+    c+1, c+8, c+9 of a 16 x 16 block. Each of the sixteen must keep at rate 1 - p, and they
+    must agree only as often as independent draws do (an element reusing another's draw, or
+    part of one, agrees every time or far more often)."""
     p = 0.5
     keep = dropout_keep_mask(_new_seed(device), 2, 4, 128, 256, p, device).float()
-    by_lane = keep.reshape(2, 4, 128, 16, 16)
+    # row 16 r1 + 8 r2 + 2 r3 + r4, column likewise: a call is (r1, r3, c1, c3), its element
+    # (r2, r4, c2, c4)
+    by_call = keep.reshape(2, 4, 8, 2, 4, 2, 16, 2, 4, 2).permute(0, 1, 2, 4, 6, 8, 3, 5, 7, 9)
+    by_lane = by_call.reshape(2, 4, 8, 4, 16, 4, 16)
     for lane in range(16):
         assert abs(by_lane[..., lane].mean().item() - (1 - p)) < 0.03, lane
     for a in range(16):
         for b in range(a + 1, 16):
             agree = (by_lane[..., a] == by_lane[..., b]).float().mean().item()
             assert abs(agree - 0.5) < 0.03, (a, b, agree)
-    # across groups and rows too: no two rows or groups repeat
+    # across calls too: no two row groups or column groups repeat
     assert not torch.equal(by_lane[:, :, 0], by_lane[:, :, 1])
+    assert not torch.equal(by_lane[:, :, :, 0], by_lane[:, :, :, 1])
     assert not torch.equal(by_lane[..., 0, :], by_lane[..., 1, :])
 
 

@@ -175,7 +175,9 @@ def _attn_bwd_dkdv_inner(
         if HAS_DROPOUT:
             # the forward's mask, in this pass's (key, query) orientation; dV's 1 / (1 - p)
             # multiplies it once at the end
-            keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, offs_n.shape[0], True)
+            keep = _dropout_keep(
+                seed, bh, start_m, start_n, dropout_p, offs_m.shape[0], offs_n.shape[0], True
+            )
             p_drop_t = tl.where(keep, p_t, 0.0)
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
@@ -444,6 +446,7 @@ def _attn_bwd_dq_inner(
     seg_ptr,
     lo,
     hi,
+    start_m,
     offs_m,
     offs_d,
     offs_d1,
@@ -528,7 +531,9 @@ def _attn_bwd_dq_inner(
         if SPLIT_D:
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
+            keep = _dropout_keep(
+                seed, bh, start_m, start_n, dropout_p, offs_m.shape[0], BLOCK_N, False
+            )
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -696,6 +701,7 @@ def attn_bwd_dq_kernel(
                 seg_ptr,
                 lo if stage == 0 else hi_full,
                 hi_full if stage == 0 else hi,
+                start_m,
                 offs_m,
                 offs_d,
                 offs_d1,

@@ -174,37 +174,67 @@ def _segment_mask(seg_ptr, rows, cols, seqlen, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, col_start, dropout_p, N: tl.constexpr, TRANSPOSED: tl.constexpr):
-    # The keep-mask of the probabilities at query ``rows`` (1-D) and key columns
-    # ``col_start + arange(N)`` (col_start a multiple of 16): a [len(rows), N] tile, or its
+def _dropout_keep(
+    seed,
+    bh,
+    row_start,
+    col_start,
+    dropout_p,
+    M: tl.constexpr,
+    N: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    # The keep-mask of the probabilities at query rows row_start + arange(M) and key columns
+    # col_start + arange(N) (both starts multiples of 16, M and N too): a [M, N] tile, or its
     # transpose (the dK/dV pass's (key, query) orientation). Each element gets its own 8-bit
     # draw, kept when the draw is >= dropout_p * 256 (the host rounds dropout_p to a multiple
     # of 1/256: op.applied_dropout_rate). One Philox-4x32-7 call (FlashAttention-2's draw: 7
-    # rounds, bytes) gives sixteen draws: its counter is (col // 16, row, batch * heads_q +
-    # head, 0) under the key ``seed``, and column 16g + 4c + i gets byte i of value c. Unique
-    # for every element of a (batch, heads, seq_q, seq_k) tensor (no 32-bit row * seq_k + col
-    # that wraps), and any kernel regenerates the forward's mask from (row, col) alone. Against
-    # 10 rounds and 16-bit draws the three passes of GPT-2's layer (8 x 12 x 1024, dropout 0.1)
-    # took 400 us of kernel time instead of 488 (H200, benchmarks/NOTES.md eleventh session).
-    M: tl.constexpr = rows.shape[0]
-    groups = (col_start // 16 + tl.arange(0, N // 16)).to(tl.uint32)
-    zero = tl.zeros([M, N // 16], dtype=tl.uint32)
-    r0, r1, r2, r3 = tl.philox(
-        seed,
-        zero + groups[None, :],
-        zero + rows.to(tl.uint32)[:, None],
-        zero + bh.to(tl.uint32),
-        zero,
-        7,
-    )
-    # join(join(x0, x2), join(x1, x3))[..., j, i] = x_(2j + i), flattened to position 2j + i:
-    # column 4g + c gets r_c, then column 4h + i gets byte i of that
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [M, N // 4])
-    even = tl.join(r & 0xFF, (r >> 16) & 0xFF)
-    odd = tl.join((r >> 8) & 0xFF, r >> 24)
-    bits = tl.reshape(tl.join(even, odd), [M, N])
+    # rounds, bytes) gives sixteen draws, laid out on the tensor cores' accumulator fragment:
+    # write a row as 16 r1 + 8 r2 + 2 r3 + r4 (r2, r4 bits) and a column likewise as
+    # 16 c1 + 8 c2 + 2 c3 + c4; the call with counter (4 c1 + c3, 4 r1 + r3, batch * heads_q +
+    # head, 0) under the key ``seed`` serves rows {r, r+1, r+8, r+9} x columns {c, c+1, c+8,
+    # c+9}: element (r2, r4, c2, c4) gets byte 2 c2 + c4 of value 2 r2 + r4. An MMA
+    # accumulator's thread holds rows {i, i+8} and columns {2j, 2j+1} (+8, +16, ...), whichever
+    # operand is the query, so two threads share each call in every pass, and the mask is
+    # drawn in the dot's own layout: no layout conversion (drawing sixteen adjacent columns
+    # took three 32-bit conversions and one of the mask per block, and a transpose in the
+    # dK/dV pass). Unique for every element of a (batch, heads, seq_q, seq_k) tensor (no 32-bit
+    # row * seq_k + col that wraps), and any kernel regenerates the forward's mask from
+    # (row, col) alone.
+    rq = (row_start // 4 + tl.arange(0, M // 4)).to(tl.uint32)  # 4 r1 + r3
+    ck = (col_start // 4 + tl.arange(0, N // 4)).to(tl.uint32)  # 4 c1 + c3
+    two = tl.arange(0, 2)
+    pair = 2 * two[:, None] + two[None, :]  # (bit 3, bit 0) of an index -> 0..3
     if TRANSPOSED:
-        bits = tl.trans(bits)
+        zero = tl.zeros([N // 4, M // 4], dtype=tl.uint32)
+        r0, r1, r2, r3 = tl.philox(
+            seed, zero + ck[:, None], zero + rq[None, :], zero + bh.to(tl.uint32), zero, 7
+        )
+        # [c1, c2, c3, c4, r1, r2, r3, r4]
+        r0 = tl.reshape(r0, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
+        r1 = tl.reshape(r1, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
+        r2 = tl.reshape(r2, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
+        r3 = tl.reshape(r3, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
+        byte = tl.reshape(pair, [1, 2, 1, 2, 1, 1, 1, 1])
+        value = tl.reshape(pair, [1, 1, 1, 1, 1, 2, 1, 2])
+    else:
+        zero = tl.zeros([M // 4, N // 4], dtype=tl.uint32)
+        r0, r1, r2, r3 = tl.philox(
+            seed, zero + ck[None, :], zero + rq[:, None], zero + bh.to(tl.uint32), zero, 7
+        )
+        # [r1, r2, r3, r4, c1, c2, c3, c4]
+        r0 = tl.reshape(r0, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
+        r1 = tl.reshape(r1, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
+        r2 = tl.reshape(r2, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
+        r3 = tl.reshape(r3, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
+        value = tl.reshape(pair, [1, 2, 1, 2, 1, 1, 1, 1])
+        byte = tl.reshape(pair, [1, 1, 1, 1, 1, 2, 1, 2])
+    word = tl.where(value < 2, tl.where(value < 1, r0, r1), tl.where(value < 3, r2, r3))
+    bits = (word >> (byte * 8).to(tl.uint32)) & 0xFF
+    if TRANSPOSED:
+        bits = tl.reshape(bits, [N, M])
+    else:
+        bits = tl.reshape(bits, [M, N])
     return bits >= tl.cast(dropout_p * 256.0 + 0.5, tl.uint32)
 
 
@@ -318,7 +348,9 @@ def _attn_fwd_inner(
             acc1 = acc1 * alpha[:, None]
         if HAS_DROPOUT:
             # kept probabilities unscaled: the 1 / (1 - dropout_p) multiplies the output once
-            keep = _dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False)
+            keep = _dropout_keep(
+                seed, bh, start_m, start_n, dropout_p, offs_m.shape[0], BLOCK_N, False
+            )
             p = tl.where(keep, p, 0.0)
         v = _load_kv_tile(v_ptrs + v_off, cols, seqlen_k, d_mask, MASKED, UPCAST)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -538,26 +570,24 @@ def attn_fwd_kernel(
 def dropout_mask_kernel(
     Mask,
     Seed,
-    Rows,
+    Groups,
     dropout_p,
-    n_rows,
+    n_groups,
     seqlen_k,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Writes the keep-mask the kernels draw at query rows ``Rows`` (int64, n_rows of them),
-    as (batch * heads_q, n_rows, seq_k) int8: a test-only view."""
-    n_blocks_m = tl.cdiv(n_rows, BLOCK_M)
+    """Writes the keep-mask the kernels draw at the 16-row groups ``Groups`` (int64 g: query
+    rows 16 g .. 16 g + 15, the rows one draw spans), as (batch * heads_q, n_groups, 16, seq_k)
+    int8: a test-only view."""
     pid = tl.program_id(0)
-    bh = pid // n_blocks_m
-    offs_m = (pid % n_blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(Rows + offs_m, mask=offs_m < n_rows, other=0)
+    bh = pid // n_groups
+    index = pid % n_groups
+    row_start = tl.load(Groups + index) * 16
     seed = tl.load(Seed)
-    base = Mask + bh.to(tl.int64) * n_rows * seqlen_k
+    offs_m = tl.arange(0, 16)
+    base = Mask + (bh.to(tl.int64) * n_groups + index) * 16 * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows, start_n, dropout_p, BLOCK_N, False)
-        ptrs = base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :]
-        tl.store(
-            ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < n_rows) & (cols[None, :] < seqlen_k)
-        )
+        keep = _dropout_keep(seed, bh, row_start, start_n, dropout_p, 16, BLOCK_N, False)
+        ptrs = base + offs_m[:, None] * seqlen_k + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=cols[None, :] < seqlen_k)
