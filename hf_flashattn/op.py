@@ -809,25 +809,30 @@ def dropout_keep_mask(
     """Test-only hook: the (batch, heads_q, seqlen_q, seqlen_k) bool keep-mask the kernels
     draw for ``seed`` (what ``_new_seed`` returns, or an int). With ``rows`` (1-D int64 query
     row indices) only those rows: (batch, heads_q, len(rows), seqlen_k), the others drawn
-    only where they share a Philox call's 16-row group with one. Materialises rows x seq_k:
+    only where they share a Philox call's 16-row block with one. Materialises rows x seq_k:
     for checking dropout, never for the hot path."""
     if not isinstance(seed, torch.Tensor):
         seed = torch.tensor([seed], dtype=torch.int64)
     seed = seed.to(device)
+    # the kernel draws whole row blocks, 16 rows at least (one Philox call spans rows r, r+1,
+    # r+8, r+9): large ones for the whole mask, the smallest for chosen rows
+    block_m = 16 if rows is not None else 64 if INTERPRETING else 128
     if rows is None:
         rows = torch.arange(seqlen_q, device=device)
     rows = rows.to(device=device, dtype=torch.int64)
-    # the kernel draws whole 16-row groups (one Philox call spans rows r, r+1, r+8, r+9)
-    groups, group_of_row = torch.unique(rows // 16, return_inverse=True)
-    n_groups = groups.numel()
-    drawn = torch.empty((batch, heads_q, n_groups, 16, seqlen_k), dtype=torch.int8, device=device)
-    dropout_mask_kernel[(n_groups * batch * heads_q,)](
+    blocks, block_of_row = torch.unique(rows // block_m, return_inverse=True)
+    n_blocks = blocks.numel()
+    drawn = torch.empty(
+        (batch, heads_q, n_blocks, block_m, seqlen_k), dtype=torch.int8, device=device
+    )
+    dropout_mask_kernel[(n_blocks * batch * heads_q,)](
         drawn,
         seed,
-        groups,
+        blocks,
         applied_dropout_rate(dropout_p),
-        n_groups,
+        n_blocks,
         seqlen_k,
+        BLOCK_M=block_m,
         BLOCK_N=64 if INTERPRETING else 128,
     )
-    return drawn[:, :, group_of_row, rows % 16].bool()
+    return drawn[:, :, block_of_row, rows % block_m].bool()

@@ -55,7 +55,7 @@ def _signature(kernel, element: str, constexprs: dict) -> dict:
         "KPM": "*i1",
         "Seg": "*i32",
         "Seed": "*i64",
-        "Groups": "*i64",
+        "Blocks": "*i64",
         "Mask": "*i8",
         "LSE": "*fp32",
         "DLSE": "*fp32",
@@ -184,7 +184,7 @@ def specialisations() -> list[tuple]:
              dict(num_warps=4, num_stages=1))
         )  # fmt: skip
     out.append(
-        ("dropout_mask_kernel", "dropout mask", "fp16", dict(BLOCK_N=128),
+        ("dropout_mask_kernel", "dropout mask", "fp16", dict(BLOCK_M=16, BLOCK_N=128),
          dict(num_warps=4, num_stages=1))
     )  # fmt: skip
     return out

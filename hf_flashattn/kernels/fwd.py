@@ -570,24 +570,25 @@ def attn_fwd_kernel(
 def dropout_mask_kernel(
     Mask,
     Seed,
-    Groups,
+    Blocks,
     dropout_p,
-    n_groups,
+    n_blocks,
     seqlen_k,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Writes the keep-mask the kernels draw at the 16-row groups ``Groups`` (int64 g: query
-    rows 16 g .. 16 g + 15, the rows one draw spans), as (batch * heads_q, n_groups, 16, seq_k)
-    int8: a test-only view."""
+    """Writes the keep-mask the kernels draw at the row blocks ``Blocks`` (int64 b: query rows
+    BLOCK_M b .. BLOCK_M b + BLOCK_M - 1; BLOCK_M a multiple of 16, the rows one draw spans),
+    as (batch * heads_q, n_blocks, BLOCK_M, seq_k) int8: a test-only view."""
     pid = tl.program_id(0)
-    bh = pid // n_groups
-    index = pid % n_groups
-    row_start = tl.load(Groups + index) * 16
+    bh = pid // n_blocks
+    index = pid % n_blocks
+    row_start = tl.load(Blocks + index) * BLOCK_M
     seed = tl.load(Seed)
-    offs_m = tl.arange(0, 16)
-    base = Mask + (bh.to(tl.int64) * n_groups + index) * 16 * seqlen_k
+    offs_m = tl.arange(0, BLOCK_M)
+    base = Mask + (bh.to(tl.int64) * n_blocks + index) * BLOCK_M * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, row_start, start_n, dropout_p, 16, BLOCK_N, False)
+        keep = _dropout_keep(seed, bh, row_start, start_n, dropout_p, BLOCK_M, BLOCK_N, False)
         ptrs = base + offs_m[:, None] * seqlen_k + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=cols[None, :] < seqlen_k)
