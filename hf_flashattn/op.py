@@ -93,8 +93,10 @@ def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -
 _OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE", "dkdv": "GROUP_PARTS"}
 
 
-def _launcher(name: str, key: tuple) -> _Launcher:
-    launcher = _LAUNCHERS.get((name, key))
+def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launcher:
+    """The launcher of kernel ``name`` for ``key``, with ``cfg`` where the caller picked the
+    config (the dK/dV pass's depends on the sequence length), else the table's."""
+    launcher = _LAUNCHERS.get((name, key, cfg))
     if launcher is None:
         dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, window, own = key
         kernel, table, grid_block = _KERNELS[name]
@@ -105,9 +107,13 @@ def _launcher(name: str, key: tuple) -> _Launcher:
         constexprs.update(head_dim_constexprs(head_dim))
         if name in _OWN_FLAG:
             constexprs[_OWN_FLAG[name]] = own
-        cfg = _FORCED.get(name) or table(head_dim, INTERPRETING)
-        launcher = _LAUNCHERS[(name, key)] = _Launcher(
-            kernel, cfg, grid_block, constexprs, direct=not INTERPRETING, paired=causal
+        launcher = _LAUNCHERS[(name, key, cfg)] = _Launcher(
+            kernel,
+            cfg or _FORCED.get(name) or table(head_dim, INTERPRETING),
+            grid_block,
+            constexprs,
+            direct=not INTERPRETING,
+            paired=causal,
         )
     return launcher
 
@@ -168,10 +174,13 @@ def _decode_splits(programs: int, seqlen_k: int, block_n: int, device) -> tuple[
     return triton_cdiv(seqlen_k, split_len), split_len
 
 
-def _dkdv_parts(group: int, heads_kv: int, head_dim: int, seqlen_k: int, causal: bool, device):
+def _dkdv_config(head_dim: int, seqlen_k: int) -> KernelConfig:
+    return _FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING, seqlen_k)
+
+
+def _dkdv_parts(group: int, heads_kv: int, cfg: KernelConfig, seqlen_k: int, causal: bool, device):
     """The dK/dV pass's GQA group parts for ``heads_kv`` (batch x K/V heads) programs per key
-    block (or causal pair of them)."""
-    cfg = _FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING)
+    block (or causal pair of them) of ``cfg``."""
     blocks = triton_cdiv(seqlen_k, cfg.block_n)
     programs = heads_kv * ((blocks + 1) // 2 if causal else blocks)
     return _dkdv_group_parts(group, programs, _dkdv_target(device, cfg.num_warps))
@@ -401,9 +410,10 @@ def _backward(
     pad_q = _pads_queries(key_padding_mask is not None, causal, seqlen_q, seqlen_k)
     causal, window, shift = _diagonal(causal, window)
     group = heads_q // heads_kv
+    dkdv_cfg = _dkdv_config(head_dim, seqlen_k)
     parts = 1
     if group > 1:
-        parts = _dkdv_parts(group, batch * heads_kv, head_dim, seqlen_k, causal, q.device)
+        parts = _dkdv_parts(group, batch * heads_kv, dkdv_cfg, seqlen_k, causal, q.device)
     if parts == 1:
         dk = torch.empty_like(k, dtype=store)
         dv = torch.empty_like(v, dtype=store)
@@ -441,7 +451,7 @@ def _backward(
             shift,
         ),
     )
-    _launcher("dkdv", key[:-1] + (parts,))(
+    _launcher("dkdv", key[:-1] + (parts,), dkdv_cfg)(
         seqlen_k,
         batch * heads_kv * parts,
         (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed),

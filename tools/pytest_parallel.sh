@@ -12,7 +12,12 @@ N=${N:-8}
 LIMIT=${LIMIT:-900}
 LOGS=${LOGS:-/tmp/pytest_parallel}
 mkdir -p "$LOGS"
-"$PY" -m pytest --collect-only -q -p no:cacheprovider 2>/dev/null | grep '::' > "$LOGS/ids.txt"
+# a module that fails to import must fail the run, not drop its tests from the shards
+if ! "$PY" -m pytest --collect-only -q -p no:cacheprovider > "$LOGS/collect.log" 2>&1; then
+  echo "collection failed ($LOGS/collect.log):"; grep -E '^(ERROR|E ) ' "$LOGS/collect.log" | head -20
+  exit 1
+fi
+grep '::' "$LOGS/collect.log" > "$LOGS/ids.txt"
 echo "$(wc -l < "$LOGS/ids.txt") tests in $N shards"
 for i in $(seq 0 $((N - 1))); do
   awk -v n="$N" -v i="$i" 'NR % n == i' "$LOGS/ids.txt" > "$LOGS/shard_$i.txt"

@@ -80,6 +80,12 @@ _BWD_DKDV_GPU = (
     # thread, and the spill-free configs were all slower
     (256, KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=1)),
 )
+# dK/dV with at most _SHORT_KEYS keys per sequence: 64-key blocks at head_dim <= 64. The call's
+# kernel time (forward + backward, sweep_configs.py by profiler, H200, 2026-12-01): GPT-2's
+# layer (8, 12, 1024, 64) 0.251 -> 0.220 ms, with dropout 0.352 -> 0.300, (8, 16:4, 2048, 64)
+# 0.962 -> 0.864; at (2, 16, 8192, 64) it was 10% slower than the 128-key blocks above.
+_SHORT_KEYS = 2048
+_BWD_DKDV_SHORT_GPU = ((64, KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=3)),)
 _BWD_DQ_GPU = (
     # D<=64: 64 x 64, 4 warps: 5% off that (8, 12, 4096, 64) layer against 128 x 64, 8 warps
     (64, KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
@@ -108,8 +114,14 @@ def fwd_config(head_dim: int, interpreting: bool) -> KernelConfig:
     return _INTERPRETER if interpreting else _pick(_FWD_GPU, head_dim)
 
 
-def bwd_dkdv_config(head_dim: int, interpreting: bool) -> KernelConfig:
-    return _INTERPRETER if interpreting else _pick(_BWD_DKDV_GPU, head_dim)
+def bwd_dkdv_config(head_dim: int, interpreting: bool, seqlen_k: int | None = None) -> KernelConfig:
+    """The dK/dV pass's config; ``seqlen_k`` (keys per sequence) picks the short-sequence
+    entry where a head dim has one, None the long-sequence one."""
+    if interpreting:
+        return _INTERPRETER
+    if seqlen_k is not None and seqlen_k <= _SHORT_KEYS and head_dim <= _BWD_DKDV_SHORT_GPU[-1][0]:
+        return _pick(_BWD_DKDV_SHORT_GPU, head_dim)
+    return _pick(_BWD_DKDV_GPU, head_dim)
 
 
 def bwd_dq_config(head_dim: int, interpreting: bool) -> KernelConfig:
