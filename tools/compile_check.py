@@ -139,6 +139,17 @@ def feature_flags(fn, constexprs: dict) -> list[str]:
     ]
 
 
+def table_configs(short: str, table, head_dim: int) -> list[tuple]:
+    """(config, label suffix) of each table entry a kernel launches at ``head_dim``: the dK/dV
+    pass has a short-sequence entry (``bwd_dkdv_config``'s ``seqlen_k``) where it differs."""
+    cfgs = [(table(head_dim, False), "")]
+    if short == "dkdv":
+        short_keys = table(head_dim, False, 1)
+        if short_keys != cfgs[0][0]:
+            cfgs.append((short_keys, " short keys"))
+    return cfgs
+
+
 def specialisations() -> list[tuple]:
     """(kernel name, label, element type, constexprs, launch options) of every compile."""
     _kernels()  # loads the package hfk
@@ -150,18 +161,18 @@ def specialisations() -> list[tuple]:
     for dtype, element, head_dim in DTYPES:
         common = common_constexprs(dtype, head_dim)
         for short, name in names.items():
-            cfg = table[short](head_dim, False)
-            base = attention_constexprs(dtype, head_dim, cfg)
-            counts = count_constexprs(kernels[short])
-            base.update(counts)
-            off = {flag: False for flag in feature_flags(kernels[short], base)}
-            choices = [("none", off), ("all", {flag: True for flag in off})]
-            choices += [(flag, dict(off, **{flag: True})) for flag in off]
-            choices += [(f"{c}={COUNTS[c][1]}", dict(off, **{c: COUNTS[c][1]})) for c in counts]
-            for label, chosen in choices:
-                run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                label = f"{short} {dtype} D{head_dim} {label}"
-                out.append((name, label, element, {**base, **chosen}, run))
+            for cfg, which in table_configs(short, table[short], head_dim):
+                base = attention_constexprs(dtype, head_dim, cfg)
+                counts = count_constexprs(kernels[short])
+                base.update(counts)
+                off = {flag: False for flag in feature_flags(kernels[short], base)}
+                choices = [("none", off), ("all", {flag: True for flag in off})]
+                choices += [(flag, dict(off, **{flag: True})) for flag in off]
+                choices += [(f"{c}={COUNTS[c][1]}", dict(off, **{c: COUNTS[c][1]})) for c in counts]
+                for label, chosen in choices:
+                    run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    label = f"{short}{which} {dtype} D{head_dim} {label}"
+                    out.append((name, label, element, {**base, **chosen}, run))
         most = configs.max_decode_rows(head_dim)
         for rows, causal, kpm, aligned in ((16, False, False, True), (most, True, True, False)):
             cfg = configs.decode_config(head_dim, rows, False)
