@@ -9,9 +9,9 @@ Shapes: batch {1, 16, 64} x keys {4k, 32k, 128k} x queries {1, 4, 16} x GQA {1, 
 query heads, D 128, bf16, every query seeing every key), fewer with --quick; a shape whose
 cache passes --max-gib is left out. The JSON carries "environment", per shape ms for ours and
 sdpa as bench_call.py measures a call ("ms" by do_bench: host-bound at small shapes;
-"kernel_ms", the GPU time of the kernels the call launches; "host_us_20", the host time of a
-call), "limit_ms", and "ratios_vs_sdpa": {"decode/<case>/fwd": sdpa_ms / our_ms, and
-"decode/<case>/fwd/kernel", "decode/<case>/fwd/host" the same of kernel_ms and host_us_20}.
+"kernel_ms", the GPU time of the kernels the call launches; "host_us_busy", the host time of
+a call), "limit_ms", and "ratios_vs_sdpa": {"decode/<case>/fwd": sdpa_ms / our_ms, and
+"decode/<case>/fwd/kernel", "decode/<case>/fwd/host" the same of kernel_ms and host_us_busy}.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def bench_shape(batch, seq_k, seq_q, group, impls, copy_tbps) -> dict:
     with torch.no_grad():
         for name, attn in impls.items():
             try:
-                # ms, host_us(_20) and kernel_ms, as bench_call.py measures a call
+                # ms, host times and kernel_ms, as bench_call.py measures a call
                 result["impls"][name] = b.measure(partial(attn, module, q, k, v, **kw))
             except Exception as exc:
                 result["impls"][name] = {"error": error_string(exc)}
@@ -90,12 +90,12 @@ def main(argv=None) -> int:
         r = data["results"][case] = bench_shape(batch, seq_k, seq_q, group, impls, copy_tbps)
         ours, sdpa = r["impls"]["ours"], r["impls"]["sdpa"]
         nan = float("nan")
-        for mode, key in (("fwd", "ms"), ("fwd/kernel", "kernel_ms"), ("fwd/host", "host_us_20")):
+        for mode, key in (("fwd", "ms"), ("fwd/kernel", "kernel_ms"), ("fwd/host", "host_us_busy")):
             if ours.get(key) and sdpa.get(key):
                 data["ratios_vs_sdpa"][f"decode/{case}/{mode}"] = sdpa[key] / ours[key]
         times = "  ".join(
             f"{name} {t.get('ms', nan):7.3f} ms (kernels {t.get('kernel_ms', nan):7.3f},"
-            f" host {t.get('host_us_20', nan):5.0f} us)"
+            f" host {t.get('host_us_busy', nan):5.0f} us)"
             for name, t in (("ours", ours), ("sdpa", sdpa))
         )
         print(f"{case:24s} {times}  limit {r['limit_ms']:7.3f} ms", flush=True)

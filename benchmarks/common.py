@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -154,6 +155,36 @@ def kernel_ms(fn: Callable[[], object], calls: int = 20) -> float:
         return sum(e.self_device_time_total for e in prof.key_averages())
 
     return (device_us(True) - device_us(False)) / calls / 1e3
+
+
+def busy_host_us(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:
+    """Host microseconds per call of ``fn`` with the GPU held busy: a ``torch.cuda._sleep``
+    queued first keeps every launch from waiting on the GPU or a full queue, so the wall time
+    of ``calls`` calls is the host's alone (the mean over 200 unsynchronised calls becomes the
+    GPU's time once the queue fills). Best of ``repeats``. The sleep is lengthened until it
+    outlasts the calls; a call that synchronises would wait for it, so that raises instead of
+    reporting the sleep as host time."""
+    cycles = 2**26  # ~35 ms at H200 clocks
+    done = torch.cuda.Event()
+    best = float("inf")
+    for _ in range(repeats):
+        while True:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(cycles)
+            done.record()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            elapsed = time.perf_counter() - start
+            outlasted = not done.query()  # the GPU was still asleep: no call waited on it
+            torch.cuda.synchronize()
+            if outlasted:
+                break
+            if cycles >= 2**31:  # ~1 s
+                raise RuntimeError("busy_host_us: the calls waited for the GPU (a host sync?)")
+            cycles *= 2
+        best = min(best, elapsed / calls * 1e6)
+    return best
 
 
 def peak_gib(fn: Callable[[], object]) -> float:
