@@ -176,13 +176,13 @@ def test_padding_outside_the_kept_keys_skips_whole_blocks_exactly(device, causal
     _check(device, torch.float16, q, k, v, causal=causal, key_padding_mask=mask.to(device))
 
 
-@pytest.mark.parametrize("configs", ["here", "gpu D64", "gpu D128"])
+@pytest.mark.parametrize("configs", ["here", "gpu D64", "gpu D64 short keys", "gpu D128"])
 def test_causal_self_attention_padded_queries_give_zeros(device, configs):
     """Causal self-attention (seq_q == seq_k) with key padding: the mask marks the queries too.
     Padded rows give exact zeros, lse -inf and zero dq, and pass nothing to dK/dV; the rest is
     the reference's. Right padding over several query blocks, left padding, a hole, one kept
     token, none; also with the GPU tables' block shapes (a padded edge inside a block)."""
-    from hf_flashattn.kernels.configs import gpu_configs
+    from hf_flashattn.kernels.configs import bwd_dkdv_config, gpu_configs
     from hf_flashattn.op import forced_configs
 
     seqlen = 300
@@ -198,8 +198,11 @@ def test_causal_self_attention_padded_queries_give_zeros(device, configs):
     ).to(device)
     forced = {}
     if configs != "here":
-        table = gpu_configs()[int(configs.removeprefix("gpu D"))]
+        table = gpu_configs()[int(configs.split()[1].removeprefix("D"))]
         forced = {name: cfg for name, cfg in table.items() if name != "decode"}
+    if configs.endswith("short keys"):  # the dK/dV pass's entry for short sequences
+        forced["dkdv"] = bwd_dkdv_config(64, False, seqlen)
+        assert forced["dkdv"] != gpu_configs()[64]["dkdv"]
     with forced_configs(**forced):
         q, k, v = _inputs(device, torch.float16, 5, 4, 2, seqlen, seqlen, 64)
         _check(device, torch.float16, q, k, v, causal=True, key_padding_mask=mask)
