@@ -12,10 +12,11 @@ created as (batch, seq, heads, dim) and transposed, K/V heads unexpanded, no mas
 
 Per layer and mode (fwd, fwd+bwd): GPU time by ``do_bench`` (median, L2 flushed) and host
 time per call: ``host_us_busy``, 20 calls issued while the GPU is held busy (so no launch waits
-on it: the host's time alone, ``common.busy_host_us``), and, as before it, the mean wall time
-of 200 calls issued without synchronising (``host_us``; once the GPU queue fills that is the
-GPU's time) and of 20 calls after a sync (``host_us_20``); and the GPU time of the call's
-kernels alone (``kernel_ms``, torch.profiler). "fwd" runs
+on it: the host's time alone, ``common.busy_host_us``), and the mean wall time of 200 calls
+issued without synchronising (``host_us``; once the GPU queue fills that is the GPU's time);
+and the GPU time of the call's kernels alone (``kernel_ms``, torch.profiler). Results before
+2026-12-01's thirteenth session have ``host_us_20`` (20 calls after a sync) instead of
+``host_us_busy``, which supersedes it. "fwd" runs
 with autograd recording, as in a training step. The JSON (rewritten after each case) has
 "environment", "results" and "ratios_vs_sdpa": {"call/<case>/<mode>": sdpa_ms / our_ms} (> 1:
 we are faster), plus "call/<case>/<mode>/host" (``host_us_busy``) and ".../kernel" (``kernel_ms``).
@@ -174,7 +175,6 @@ def measure(fn) -> dict:
     fn()  # compile / plan outside the timings
     result = {"ms": bench_ms(fn)}
     result["host_us"] = host_us(fn, HOST_CALLS)
-    result["host_us_20"] = min(host_us(fn, 20) for _ in range(5))
     result["host_us_busy"] = busy_host_us(fn)
     # the GPU time of the call's kernels alone: where the host sets the pace (GPT-2's layer),
     # ms above is the host's, and this says how far the kernels are from the peer's
