@@ -48,7 +48,10 @@ CANDIDATES = {
     "dkdv": [C(64, 128, 8, 2), C(32, 128, 4, 3), C(32, 128, 8, 3), C(64, 128, 8, 3),
              C(64, 64, 4, 3), C(128, 128, 8, 2), C(64, 128, 4, 2), C(32, 64, 4, 3),
              C(16, 128, 8, 2), C(32, 128, 8, 2), C(32, 128, 8, 1),
-             C(16, 64, 8, 2), C(64, 64, 8, 1), C(32, 64, 4, 2), C(16, 64, 4, 3), C(32, 64, 8, 3)],
+             C(16, 64, 8, 2), C(64, 64, 8, 1), C(32, 64, 4, 2), C(16, 64, 4, 3), C(32, 64, 8, 3),
+             # dV and dK in two launches (one accumulator each): for head_dim 256's spills
+             C(64, 64, 8, 1, split_grads=True), C(64, 128, 8, 1, split_grads=True),
+             C(32, 128, 8, 2, split_grads=True), C(64, 64, 8, 2, split_grads=True)],
 }  # fmt: skip
 # each kernel's table entry for a layer (the dK/dV pass's depends on its keys)
 TABLE = {
@@ -58,14 +61,20 @@ TABLE = {
 }
 
 
-def sweep_layer(name: str, layer: b.Layer, kernels) -> list[dict]:
+def parse_config(spec: str) -> KernelConfig:
+    """block_m,block_n,warps,stages[,split] (split: the dK/dV pass's two launches)."""
+    fields = spec.split(",")
+    return C(*(int(x) for x in fields[:4]), split_grads=fields[4:] == ["split"])
+
+
+def sweep_layer(name: str, layer: b.Layer, kernels, configs_given=None) -> list[dict]:
     impls = b.implementations()
     module = b.AttentionModule(layer)
     q, k, v, dout = b.make_inputs(layer)
     fn = b.step(impls["ours"], module, layer, q, k, v, dout, "fwd+bwd")
     rows = []
     for kernel in kernels:
-        candidates = CANDIDATES[kernel]
+        candidates = configs_given or CANDIDATES[kernel]
         table = TABLE[kernel](layer)
         for cfg in [table] + [c for c in candidates if c != table]:
             row = {"layer": name, "kernel": kernel, "config": cfg.__dict__, "table": cfg == table}
@@ -92,13 +101,20 @@ def main(argv=None) -> None:
     p.add_argument("--layers", nargs="*", default=["llama_0.5b", "gpt2"], choices=list(b.LAYERS))
     p.add_argument("--extra", nargs="*", default=[], help="batch,heads_q,heads_kv,seq,dim")
     p.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument(
+        "--configs",
+        nargs="*",
+        type=parse_config,
+        default=None,
+        help="candidates instead of the lists: block_m,block_n,warps,stages[,split]",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: none)")
     args = p.parse_args(argv)
     layers = {name: b.LAYERS[name] for name in args.layers}
     layers.update(b.parse_layer(spec) for spec in args.extra)
     rows = []
     for name, layer in layers.items():
-        rows += sweep_layer(name, layer, args.kernels)
+        rows += sweep_layer(name, layer, args.kernels, args.configs)
         torch.cuda.empty_cache()
     if args.out:
         write_json(args.out, jsonable({"environment": environment(), "results": rows}))

@@ -72,6 +72,9 @@ _KERNELS = {
     "dkdv": (attn_bwd_dkdv_kernel, bwd_dkdv_config, "block_n"),
     "dq": (attn_bwd_dq_kernel, bwd_dq_config, "block_m"),
 }
+# The dK/dV kernel's launches by the gradients they compute (its GRADS): both, or dV and dK
+# apart (KernelConfig.split_grads). Their config is always the caller's (_dkdv_config).
+_DKDV_GRADS = {"dkdv": 3, "dv": 1, "dk": 2}
 
 
 def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -> dict:
@@ -90,7 +93,7 @@ def _constexprs(dtype, head_dim: int, group: int, causal: bool, has_kpm: bool) -
 
 
 # the one constexpr of a kernel's own, last in its launcher key
-_OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE", "dkdv": "GROUP_PARTS"}
+_OWN_FLAG = {"fwd": "SCALE_POSITIVE", "dq": "HAS_DLSE", **dict.fromkeys(_DKDV_GRADS, "GROUP_PARTS")}
 
 
 def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launcher:
@@ -99,8 +102,11 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
     launcher = _LAUNCHERS.get((name, key, cfg))
     if launcher is None:
         dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, window, own = key
-        kernel, table, grid_block = _KERNELS[name]
+        grads = _DKDV_GRADS.get(name)
+        kernel, table, grid_block = _KERNELS["dkdv" if grads else name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
+        if grads:
+            constexprs["GRADS"] = grads
         constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q, HAS_WINDOW=window)
         # the head dim in one or two power-of-two chunks (the decode kernel pads it instead:
         # it reads K/V once, its dots are not what it waits on)
@@ -451,9 +457,7 @@ def _backward(
             shift,
         ),
     )
-    _launcher("dkdv", key[:-1] + (parts,), dkdv_cfg)(
-        seqlen_k,
-        batch * heads_kv * parts,
+    dkdv_args = (
         (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed),
         (qk_scale, scale, dropout_p),
         (
@@ -474,6 +478,10 @@ def _backward(
             shift,
         ),
     )
+    for name in ("dv", "dk") if dkdv_cfg.split_grads else ("dkdv",):
+        _launcher(name, key[:-1] + (parts,), dkdv_cfg)(
+            seqlen_k, batch * heads_kv * parts, *dkdv_args
+        )
     if parts > 1:
         dk, dv = _sum_parts(dk, k), _sum_parts(dv, v)
     if store != q.dtype:  # the interpreter's bf16

@@ -505,6 +505,8 @@ def _config_cases():
     tall, wide = KernelConfig(128, 16, 4, 1), KernelConfig(16, 128, 4, 1)
     cases["tall"] = dict(fwd=tall, dkdv=wide, dq=tall)
     cases["wide"] = dict(fwd=wide, dkdv=tall, dq=wide)
+    # dV and dK in two launches, whatever head dim the table gives that to
+    cases["split grads"] = dict(dkdv=KernelConfig(64, 64, 4, 1, split_grads=True))
     return cases
 
 

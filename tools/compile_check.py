@@ -120,8 +120,11 @@ def attention_constexprs(dtype: str, head_dim: int, cfg) -> dict:
     )
 
 
-# constexprs that are counts, not flags: (the launch's usual value, another one to compile)
-COUNTS = {"GROUP_PARTS": (1, 2)}  # the dK/dV pass's share of the GQA group (op._dkdv_parts)
+# constexprs that are counts, not flags: (the launch's usual value, the others to compile)
+COUNTS = {
+    "GROUP_PARTS": (1, 2),  # the dK/dV pass's share of the GQA group (op._dkdv_parts)
+    "GRADS": (3, 1, 2),  # the dK/dV pass's gradients: both, dV alone, dK alone (split_grads)
+}
 
 
 def count_constexprs(fn) -> dict:
@@ -168,7 +171,9 @@ def specialisations() -> list[tuple]:
                 off = {flag: False for flag in feature_flags(kernels[short], base)}
                 choices = [("none", off), ("all", {flag: True for flag in off})]
                 choices += [(flag, dict(off, **{flag: True})) for flag in off]
-                choices += [(f"{c}={COUNTS[c][1]}", dict(off, **{c: COUNTS[c][1]})) for c in counts]
+                choices += [
+                    (f"{c}={n}", dict(off, **{c: n})) for c in counts for n in COUNTS[c][1:]
+                ]
                 for label, chosen in choices:
                     run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                     label = f"{short}{which} {dtype} D{head_dim} {label}"

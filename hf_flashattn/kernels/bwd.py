@@ -115,9 +115,11 @@ def _attn_bwd_dkdv_inner(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GRADS: tl.constexpr,
 ):
     # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
-    # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64).
+    # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64). GRADS: which
+    # of dV (1) and dK (2) this pass accumulates (3: both; attn_bwd_dkdv_kernel).
     d_mask = offs_d < HEAD_DIM
     keep_scale = 1.0 / (1.0 - dropout_p)  # dropout: kept entries of dP scale up
     cols = start_n + offs_n
@@ -169,9 +171,12 @@ def _attn_bwd_dkdv_inner(
             p_t = tl.where(valid, p_t, 0.0)
         if HAS_KPM:
             p_t = tl.where(keep_col[:, None], p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if SPLIT_D:
-            dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
+        # GRADS 1 (dV alone) needs no dP
+        if GRADS & 2:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if SPLIT_D:
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
+        p_drop_t = p_t
         if HAS_DROPOUT:
             # the forward's mask, in this pass's (key, query) orientation; dV's 1 / (1 - p)
             # multiplies it once at the end
@@ -179,15 +184,20 @@ def _attn_bwd_dkdv_inner(
                 seed, bh, start_m, start_n, dropout_p, offs_m.shape[0], offs_n.shape[0], True
             )
             p_drop_t = tl.where(keep, p_t, 0.0)
-            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
-        else:
-            p_drop_t = p_t
-        dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+            if GRADS & 2:
+                dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        if GRADS & 1:
+            dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if GRADS & 2:
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
         if SPLIT_D:
-            dv1 = tl.dot(p_drop_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
-            dk1 = tl.dot(ds_t.to(q1_t.dtype), tl.trans(q1_t), dk1, input_precision=DOT_PRECISION)
+            if GRADS & 1:
+                dv1 = tl.dot(p_drop_t.to(do1.dtype), do1, dv1, input_precision=DOT_PRECISION)
+            if GRADS & 2:
+                dk1 = tl.dot(
+                    ds_t.to(q1_t.dtype), tl.trans(q1_t), dk1, input_precision=DOT_PRECISION
+                )
     return dk, dv, dk1, dv1
 
 
@@ -256,7 +266,12 @@ def attn_bwd_dkdv_kernel(
     PAD_Q: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     GROUP_PARTS: tl.constexpr,
+    GRADS: tl.constexpr,
 ):
+    # GRADS: 3 computes dK and dV; 1 dV alone and 2 dK alone, as two launches of one call
+    # (op._backward, configs.KernelConfig.split_grads): one float32 accumulator per program
+    # instead of two, for head dims whose pair spills (256), at the cost of recomputing P^T
+    # in both
     n_blocks_n = tl.cdiv(seqlen_k, BLOCK_N)
     # causal: the first key blocks meet the most queries; each program pairs one with a light one
     bh_part, first, n_turns = _program_blocks(n_blocks_n, IS_CAUSAL, False)
@@ -409,6 +424,7 @@ def attn_bwd_dkdv_kernel(
                     HAS_DROPOUT,
                     UPCAST,
                     DOT_PRECISION,
+                    GRADS,
                 )
 
         dk = dk * sm_scale
@@ -419,15 +435,26 @@ def attn_bwd_dkdv_kernel(
         part_off = part.to(tl.int64) * stride_part
         dk_rows = DK + part_off + b64 * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn
         dv_rows = DV + part_off + b64 * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn
-        tl.store(dk_rows + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_rows + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
-        if SPLIT_D:
+        if GRADS & 2:
             tl.store(
-                dk_rows + offs_d1[None, :] * stride_dkd, dk1.to(DK.dtype.element_ty), mask=kv1_mask
+                dk_rows + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask
             )
+            if SPLIT_D:
+                tl.store(
+                    dk_rows + offs_d1[None, :] * stride_dkd,
+                    dk1.to(DK.dtype.element_ty),
+                    mask=kv1_mask,
+                )
+        if GRADS & 1:
             tl.store(
-                dv_rows + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=kv1_mask
+                dv_rows + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask
             )
+            if SPLIT_D:
+                tl.store(
+                    dv_rows + offs_d1[None, :] * stride_dvd,
+                    dv1.to(DV.dtype.element_ty),
+                    mask=kv1_mask,
+                )
 
 
 @triton.jit

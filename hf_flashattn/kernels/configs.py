@@ -19,6 +19,9 @@ class KernelConfig:
     # block_m holds every row the kernel must see at once (the decode kernel's packed query
     # rows): never smaller
     fixed_m: bool = False
+    # the dK/dV pass only: dV and dK in two launches, one float32 accumulator each (bwd.py's
+    # GRADS), where holding both spills
+    split_grads: bool = False
 
     def smaller(self) -> "KernelConfig | None":
         """The next config down in shared memory: fewer pipeline stages, then smaller blocks.
@@ -75,10 +78,12 @@ _BWD_DKDV_GPU = (
     # D=128: 32-row query steps, 3 stages: 7% off the LLaMA layer's forward + backward
     # (benchmarks/sweep_configs.py, H200, 2026-11-30) against 64 rows and 2 stages
     (128, KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)),
-    # D=256: 64 x 64, 8 warps, 1 stage: the backward of a (4, 16, 2048, 256) layer 9.8 -> 3.4
-    # ms against (16, 64, 4, 1) (sweep_configs.py, H200, 2026-11-30); it spills ~0.9 KB a
-    # thread, and the spill-free configs were all slower
-    (256, KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=1)),
+    # D=256: dV and dK in two launches (split_grads), 128-key blocks: the call's forward +
+    # backward kernel time (8, 16, 2048, 256) 4.33 -> 3.61 ms, (2, 16:4, 8192, 256) 15.2 ->
+    # 11.9 against both in one pass at (64, 64, 8, 1), which spills 688 B a thread where each
+    # launch alone spills 80-160 (sweep_configs.py, H200, 2026-12-01). dK's launch does not fit
+    # two stages and steps down to one (launch.py)
+    (256, KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2, split_grads=True)),
 )
 # dK/dV with at most _SHORT_KEYS keys per sequence: 64-key blocks at head_dim <= 64. The call's
 # kernel time (forward + backward, sweep_configs.py by profiler, H200, 2026-12-01): GPT-2's

@@ -174,6 +174,16 @@ def _segment_mask(seg_ptr, rows, cols, seqlen, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _swap_if(swap: tl.constexpr, a, b):
+    # (b, a) if swap else (a, b); one return (Triton 3.6 checks every return's type)
+    if swap:
+        first, second = b, a
+    else:
+        first, second = a, b
+    return first, second
+
+
+@triton.jit
 def _dropout_keep(
     seed,
     bh,
@@ -203,38 +213,27 @@ def _dropout_keep(
     # (row, col) alone.
     rq = (row_start // 4 + tl.arange(0, M // 4)).to(tl.uint32)  # 4 r1 + r3
     ck = (col_start // 4 + tl.arange(0, N // 4)).to(tl.uint32)  # 4 c1 + c3
+    # the tile's leading axis is the rows', or the columns' when TRANSPOSED
+    lead, trail = _swap_if(TRANSPOSED, rq, ck)
+    zero = tl.zeros([lead.shape[0], trail.shape[0]], dtype=tl.uint32)
+    rows, cols = _swap_if(TRANSPOSED, zero + lead[:, None], zero + trail[None, :])
+    r0, r1, r2, r3 = tl.philox(seed, cols, rows, zero + bh.to(tl.uint32), zero, 7)
+    # [lead 1, lead 2, lead 3, lead 4, trail 1, trail 2, trail 3, trail 4]
+    split: tl.constexpr = [lead.shape[0] // 4, 1, 4, 1, trail.shape[0] // 4, 1, 4, 1]
+    r0 = tl.reshape(r0, split)
+    r1 = tl.reshape(r1, split)
+    r2 = tl.reshape(r2, split)
+    r3 = tl.reshape(r3, split)
     two = tl.arange(0, 2)
     pair = 2 * two[:, None] + two[None, :]  # (bit 3, bit 0) of an index -> 0..3
-    if TRANSPOSED:
-        zero = tl.zeros([N // 4, M // 4], dtype=tl.uint32)
-        r0, r1, r2, r3 = tl.philox(
-            seed, zero + ck[:, None], zero + rq[None, :], zero + bh.to(tl.uint32), zero, 7
-        )
-        # [c1, c2, c3, c4, r1, r2, r3, r4]
-        r0 = tl.reshape(r0, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
-        r1 = tl.reshape(r1, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
-        r2 = tl.reshape(r2, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
-        r3 = tl.reshape(r3, [N // 16, 1, 4, 1, M // 16, 1, 4, 1])
-        byte = tl.reshape(pair, [1, 2, 1, 2, 1, 1, 1, 1])
-        value = tl.reshape(pair, [1, 1, 1, 1, 1, 2, 1, 2])
-    else:
-        zero = tl.zeros([M // 4, N // 4], dtype=tl.uint32)
-        r0, r1, r2, r3 = tl.philox(
-            seed, zero + ck[None, :], zero + rq[:, None], zero + bh.to(tl.uint32), zero, 7
-        )
-        # [r1, r2, r3, r4, c1, c2, c3, c4]
-        r0 = tl.reshape(r0, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
-        r1 = tl.reshape(r1, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
-        r2 = tl.reshape(r2, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
-        r3 = tl.reshape(r3, [M // 16, 1, 4, 1, N // 16, 1, 4, 1])
-        value = tl.reshape(pair, [1, 2, 1, 2, 1, 1, 1, 1])
-        byte = tl.reshape(pair, [1, 1, 1, 1, 1, 2, 1, 2])
+    value, byte = _swap_if(
+        TRANSPOSED,
+        tl.reshape(pair, [1, 2, 1, 2, 1, 1, 1, 1]),  # a row's (r2, r4) picks the word
+        tl.reshape(pair, [1, 1, 1, 1, 1, 2, 1, 2]),  # a column's (c2, c4) the byte in it
+    )
     word = tl.where(value < 2, tl.where(value < 1, r0, r1), tl.where(value < 3, r2, r3))
     bits = (word >> (byte * 8).to(tl.uint32)) & 0xFF
-    if TRANSPOSED:
-        bits = tl.reshape(bits, [N, M])
-    else:
-        bits = tl.reshape(bits, [M, N])
+    bits = tl.reshape(bits, [lead.shape[0] * 4, trail.shape[0] * 4])
     return bits >= tl.cast(dropout_p * 256.0 + 0.5, tl.uint32)
 
 
