@@ -1,12 +1,13 @@
 """Split-KV decoding configs: for each one-query decode shape of bench_decode.py, the kernel
 time (``kernel_ms``: GPU time of the split and combine kernels, L2 flushed) with each candidate
-key step / warps / stages forced, and each split target (programs per SM), against sdpa's
-kernels in the same run. Needs a GPU.
+key step / warps / stages forced, and each split target (programs per SM; "resident": the op's
+own, as many as the binary keeps resident), against sdpa's kernels in the same run. Needs a
+GPU.
 
     python benchmarks/sweep_decode.py --out sweep_decode.json
     python benchmarks/sweep_decode.py --shapes b1/k32768/g1 b16/k4096/g4
 
-The table's entry and split target (op._target_programs) are always measured and marked ``*``.
+The table's entry at the op's own split target (op._target_programs) is marked ``*``.
 Pick from the JSON, then confirm with bench_decode.py.
 """
 
@@ -31,8 +32,9 @@ C = KernelConfig
 # (block_m is the packed rows, set per call), block_n the key step, warps, stages
 CANDIDATES = [C(16, 64, 4, 2), C(16, 64, 4, 3), C(16, 64, 4, 4), C(16, 128, 4, 2),
               C(16, 128, 4, 3), C(16, 32, 4, 4), C(16, 64, 2, 3), C(16, 128, 8, 3)]  # fmt: skip
-# programs per SM the split count aims at (the table's: 2)
-WAVES = (1, 2, 4, 8)
+# programs per SM the split count aims at, beside the op's own target (as many as the split
+# kernel's binary keeps resident on an SM: op._target_programs)
+PER_SM = (1, 2, 4, 8)
 SHAPES = ["b1/k4096/g1", "b1/k32768/g1", "b1/k131072/g1", "b1/k32768/g4", "b1/k131072/g4",
           "b1/k131072/g8", "b16/k4096/g4", "b16/k4096/g8", "b16/k32768/g8", "b16/k131072/g8",
           "b64/k4096/g8", "b16/k32768/g1"]  # fmt: skip
@@ -57,13 +59,14 @@ def sweep_shape(case: str, attn, sdpa) -> dict:
     reference = sdpa(module, q, k, v, **kw)[0].float()
     sm_count = op._sm_count(q.device.index)
     target = op._target_programs
-    table_waves = target(q.device, batch * heads_kv) // sm_count
     for cfg in CANDIDATES:
-        for waves in WAVES:
-            mark = "*" if (cfg.block_n, cfg.num_warps, cfg.num_stages, waves) == (
-                table.block_n, table.num_warps, table.num_stages, table_waves) else ""  # fmt: skip
-            label = f"{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s/{waves}{mark}"
-            op._target_programs = lambda device, n, waves=waves: waves * sm_count
+        for per_sm in (None, *PER_SM):  # None: the op's own target (the binary's residency)
+            table_cfg = (cfg.block_n, cfg.num_warps, cfg.num_stages) == (
+                table.block_n, table.num_warps, table.num_stages)  # fmt: skip
+            mark = "*" if per_sm is None and table_cfg else ""
+            label = f"{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s/{per_sm or 'resident'}{mark}"
+            if per_sm is not None:
+                op._target_programs = lambda device, n, resident, per_sm=per_sm: per_sm * sm_count
             try:
                 with op.forced_configs(decode=cfg):
                     fn = partial(attn, module, q, k, v, **kw)

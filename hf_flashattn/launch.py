@@ -71,6 +71,27 @@ def _stream_getter():
     return driver.active.get_current_stream
 
 
+def _resident_programs(compiled, device_index: int) -> int | None:
+    """Programs of a compiled binary that one SM of the device holds at once: the least of
+    what its registers (allocated per warp in 256s), shared memory (plus the 1 KB the runtime
+    reserves per block) and threads allow. None where the binary does not say its registers."""
+    n_regs = getattr(compiled, "n_regs", None)
+    if not n_regs:
+        return None
+    props = torch.cuda.get_device_properties(device_index)
+    warps = compiled.metadata.num_warps
+    regs = -(-n_regs * 32 // 256) * 256 * warps
+    shared = compiled.metadata.shared + 1024
+    return max(
+        1,
+        min(
+            props.regs_per_multiprocessor // regs,
+            props.shared_memory_per_multiprocessor // shared,
+            props.max_threads_per_multi_processor // (32 * warps),
+        ),
+    )
+
+
 class _Launcher:
     """One kernel at one set of constexprs, with everything its launch needs built once: the
     config (stepped down the first time a GPU lacks the shared memory for it), the keyword
@@ -84,7 +105,7 @@ class _Launcher:
 
     __slots__ = (
         "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail",
-        "binaries", "free_ints",
+        "binaries", "free_ints", "per_sm",
     )  # fmt: skip
 
     def __init__(
@@ -122,6 +143,7 @@ class _Launcher:
         if self.binaries is not None:
             self.binaries.clear()
         self.tail = self._constexpr_tail()
+        self.per_sm: int | None = None  # programs_per_sm's answer, once asked
 
     def _constexpr_tail(self) -> tuple | None:
         """The constexpr values in signature order, which the compiled launcher takes after the
@@ -134,6 +156,32 @@ class _Launcher:
         if any(p.name not in self.kwargs for p in constexprs):
             return None
         return tuple(self.kwargs[p.name] for p in constexprs)
+
+    def _step_down(self, err: OutOfResources) -> None:
+        """The next config down after ``err``, kept for later calls: the GPU lacks the shared
+        memory for this one. Raises ``err`` when none is smaller."""
+        smaller = self.cfg.smaller()
+        if smaller is None:
+            raise err
+        self._use(smaller)
+
+    def programs_per_sm(self, tensors: tuple, floats: tuple, ints: tuple) -> int | None:
+        """How many programs of the binary these arguments launch one SM holds at once, as its
+        registers, shared memory and threads allow: a grid of that many per SM runs in one
+        wave. The binary is compiled (not launched) on the first ask, and the answer kept.
+        None under the interpreter, or where the binary does not say its registers."""
+        if self.per_sm is None and self.binaries is not None:
+            while True:
+                try:
+                    compiled = self.kernel.warmup(
+                        *tensors, *floats, *ints, grid=(1,), **self.kwargs
+                    )
+                    compiled.run  # noqa: B018 - loads the binary: registers known, fit checked
+                    break
+                except OutOfResources as err:
+                    self._step_down(err)
+            self.per_sm = _resident_programs(compiled, tensors[0].get_device())
+        return self.per_sm
 
     def __call__(self, rows: int, heads: int, tensors: tuple, floats: tuple, ints: tuple):
         """Launch over ``rows`` (queries or keys) x ``heads`` with the kernel's arguments in
@@ -157,12 +205,8 @@ class _Launcher:
                     return
             try:
                 compiled = self.kernel[(grid_x,)](*tensors, *floats, *ints, **self.kwargs)
-            except OutOfResources:
-                # Triton raises before anything runs; the config that fits is kept for later
-                smaller = self.cfg.smaller()
-                if smaller is None:
-                    raise
-                self._use(smaller)
+            except OutOfResources as err:  # raised before anything runs
+                self._step_down(err)
                 continue
             if key is not None:
                 self._remember(key, compiled, len(tensors) + len(floats) + len(ints))

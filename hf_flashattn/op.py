@@ -158,24 +158,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device, programs: int) -> int:
-    """Split-KV programs to aim at, given ``programs`` (batch x K/V heads) per key slice. Two
-    waves fill the GPU, and more slices cost merging, except with a quarter of the SMs' count
-    or fewer (batch 1): eight waves there took batch-1 one-query decoding from 0.91-0.96x to
-    0.96-1.0x sdpa's kernel time, where at 64 programs they lost up to 10%
-    (sweep_decode.py, H200, benchmarks/NOTES.md tenth session). The interpreter runs programs
-    one by one: a few splits exercise the merge."""
+def _target_programs(device: torch.device, programs: int, per_sm: int | None) -> int:
+    """Split-KV programs to aim at, given ``programs`` (batch x K/V heads) per key slice and
+    ``per_sm``, how many programs of the split kernel one SM holds at once: as many as the GPU
+    holds, and no more. Decoding is bound by memory bandwidth, and a grid past one full wave
+    leaves a second, part-filled one reading at a fraction of it: at 64 programs a slice
+    (batch 16, 4 K/V heads; 4 per SM on 132 SMs) 8 slices (512 programs) ran at 0.99-1.00x
+    sdpa's kernel time where 9 (576) ran at 0.73-0.88x and 5, the two-programs-per-SM rule's,
+    0.94-0.97x (H200, benchmarks/NOTES.md fifteenth session). Where the binary's residency is
+    not known, two per SM. The interpreter runs programs one by one: a few splits exercise the
+    merge."""
     if device.type != "cuda":
         return 4
-    sm_count = _sm_count(device.index)
-    return (8 if 4 * programs <= sm_count else 2) * sm_count
+    return (per_sm or 2) * _sm_count(device.index)
 
 
-def _decode_splits(programs: int, seqlen_k: int, block_n: int, device) -> tuple[int, int]:
+def _decode_splits(programs: int, seqlen_k: int, block_n: int, target: int) -> tuple[int, int]:
     """(number of key slices, keys per slice, a multiple of block_n) for ``programs``
-    (batch x K/V heads) programs per slice: enough slices to reach the target, none empty."""
+    (batch x K/V heads) programs per slice: as many slices as keep the grid within ``target``
+    programs (at least one), none empty."""
     blocks = triton_cdiv(seqlen_k, block_n)
-    splits = min(blocks, max(1, triton_cdiv(_target_programs(device, programs), programs)))
+    splits = min(blocks, max(1, target // programs))
     split_len = triton_cdiv(blocks, splits) * block_n
     return triton_cdiv(seqlen_k, split_len), split_len
 
@@ -355,35 +358,27 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
     split = _decode_launcher(
         (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned, window > 0)
     )
-    n_splits, split_len = _decode_splits(batch * heads_kv, seqlen_k, split.cfg.block_n, q.device)
+    programs = batch * heads_kv
+    lengths = (kpm.stride(0) if has_kpm else 0, heads_kv, seqlen_q, seqlen_k)
+    strides = (*q.stride(), kb, kh, kn, kd, vb, vh, vn, vd, *lengths)
+    per_sm = split.per_sm
+    if per_sm is None:
+        # once per binary: compiled, not launched (the slice counts are unspecialised ints,
+        # so any compiles it; lse stands in for the float32 partials, not allocated yet)
+        per_sm = split.programs_per_sm(
+            (q, k, v, lse, kpm), (scale * _LOG2E,), (*strides, 1, 1, 1, window, shift)
+        )
+    target = _target_programs(q.device, programs, per_sm)
+    n_splits, split_len = _decode_splits(programs, seqlen_k, split.cfg.block_n, target)
     # n_parts partial rows of head_dim floats, then their n_parts log2-sum-exps
     n_parts = batch * heads_q * n_splits * seqlen_q
     parts = torch.empty(n_parts * (head_dim + 1), dtype=torch.float32, device=q.device)
     split(
         n_splits,
-        batch * heads_kv,
+        programs,
         (q, k, v, parts, kpm),
         (scale * _LOG2E,),
-        (
-            *q.stride(),
-            kb,
-            kh,
-            kn,
-            kd,
-            vb,
-            vh,
-            vn,
-            vd,
-            kpm.stride(0) if has_kpm else 0,
-            heads_kv,
-            seqlen_q,
-            seqlen_k,
-            split_len,
-            n_splits,
-            n_parts,
-            window,
-            shift,
-        ),
+        (*strides, split_len, n_splits, n_parts, window, shift),
     )
     _combine_launcher(head_dim, n_splits)(
         seqlen_q,

@@ -15,7 +15,7 @@ def splits(monkeypatch):
     slice per key block."""
 
     def aim_for(programs: int) -> None:
-        monkeypatch.setattr(op, "_target_programs", lambda device, n: programs)
+        monkeypatch.setattr(op, "_target_programs", lambda device, n, per_sm: programs)
 
     return aim_for
 
@@ -154,3 +154,20 @@ def test_split_kv_float16_then_bfloat16_on_the_same_shapes(device):
     for dtype in (torch.float16, torch.bfloat16):
         q, k, v = _inputs(device, dtype, 1, 8, 2, 1, 40, 64)
         _check(device, dtype, q, k, v, causal=True)
+
+
+def test_split_count_fills_one_wave(monkeypatch):
+    """Decoding is bound by memory bandwidth: the keys split into as many slices as keep the
+    grid within the programs the GPU holds at once (a second, part-filled wave reads at a
+    fraction of the bandwidth), never an empty slice, at least one."""
+    monkeypatch.setattr(op, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert op._target_programs(cuda, 64, 4) == 528
+    assert op._target_programs(cuda, 64, None) == 264  # residency unknown: two per SM
+    # (programs per slice, keys, key step, target) -> (slices, keys per slice)
+    assert op._decode_splits(64, 8192, 64, 528) == (8, 1024)  # 512 programs
+    assert op._decode_splits(128, 8192, 64, 528) == (4, 2048)
+    assert op._decode_splits(64, 8192, 64, 320) == (5, 1664)  # 26 blocks a slice, 5 slices
+    assert op._decode_splits(4, 4096, 64, 528) == (64, 64)  # a slice per key block at most
+    assert op._decode_splits(600, 8192, 64, 528) == (1, 8192)  # past one wave: one slice
+    assert op._decode_splits(32, 100, 64, 528) == (2, 64)  # the last slice ragged

@@ -238,7 +238,8 @@ def test_every_output_written(device, case, poisoned_allocations, monkeypatch):
     key to attend among them), dropout's three passes."""
     kw = dict(causal=True)
     if case == "decode slices":
-        monkeypatch.setattr(op, "_target_programs", lambda device, n: 1000)  # a slice per block
+        # a slice per key block
+        monkeypatch.setattr(op, "_target_programs", lambda device, n, per_sm: 1000)
         q, k, v = _inputs(device, torch.float16, 3, 8, 2, 2, 300, 64)
         keys = torch.arange(300)
         mask = torch.stack([keys >= 250, keys == 7, torch.zeros(300, dtype=torch.bool)])
@@ -808,6 +809,50 @@ def test_direct_launch_falls_back_when_the_launcher_convention_differs(monkeypat
     assert launch._direct_launch["enabled"] is False
     launcher(40, 2, (x,), (0.5,), (40,))
     assert len(kernel.slow) == 3
+
+
+def test_programs_per_sm_read_off_the_binary(monkeypatch):
+    """How many programs an SM holds at once: the least of what the binary's registers
+    (allocated per warp in 256s), shared memory (plus 1 KB reserved a block) and threads allow,
+    on the binary compiled for the call's arguments without launching it, asked once."""
+    from types import SimpleNamespace
+
+    from hf_flashattn import launch
+
+    sm = SimpleNamespace(
+        regs_per_multiprocessor=65536,
+        shared_memory_per_multiprocessor=228 * 1024,
+        max_threads_per_multi_processor=2048,
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: sm)
+
+    class Binary:
+        def __init__(self, n_regs, shared, num_warps):
+            self.n_regs, self.run = n_regs, "launcher"
+            self.metadata = SimpleNamespace(shared=shared, num_warps=num_warps)
+
+    class Kernel(_JitStandIn):
+        binary = None
+
+        def warmup(self, *args, grid, **meta):
+            self.slow.append(("warmup", args))
+            return self.binary
+
+    x = torch.zeros(64, dtype=torch.float16)
+    for binary, resident in (
+        (Binary(128, 38912, 4), 4),  # registers: 128 x 32 x 4 = 16k of 64k
+        (Binary(125, 38912, 4), 4),  # 125 registers are allocated as 128
+        (Binary(64, 100_000, 4), 2),  # shared memory
+        (Binary(32, 1024, 16), 4),  # threads: 512 of 2048
+    ):
+        kernel = Kernel()
+        kernel.binary = binary
+        launcher = _direct_launcher(kernel, monkeypatch)
+        assert launcher.programs_per_sm((x,), (0.5,), (40,)) == resident
+        assert launcher.programs_per_sm((x,), (0.5,), (40,)) == resident
+        assert kernel.slow == [("warmup", (x, 0.5, 40))] and kernel.direct == []
+    interpreted = launch._Launcher(Kernel(), launcher.cfg, "block_m", {}, direct=False)
+    assert interpreted.programs_per_sm((x,), (0.5,), (40,)) is None
 
 
 def test_eager_calls_skip_the_custom_op(device, monkeypatch):
