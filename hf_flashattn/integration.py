@@ -581,7 +581,9 @@ def attention_forward(
         dropout: float, default 0. Dropout probability (transformers passes 0 unless training).
         kwargs: other keyword arguments from the model: ``sliding_window`` (causal, or
             bidirectional with ``is_causal`` False: the kernels take both); ``output_attentions``,
-            ``softcap``, ``s_aux``, ``position_bias`` send the call to eager attention.
+            ``s_aux`` (attention sinks, gpt-oss's: one logit per query head that joins each
+            row's softmax and contributes no value); ``output_attentions``, ``softcap``,
+            ``position_bias`` send the call to eager attention.
 
     Return:
         attn_output: (batch_size, seqlen_q, heads_q, head_dim), contiguous.
@@ -615,6 +617,14 @@ def attention_forward(
     cu_seqlens = km.cu_seqlens
     if cu_seqlens is None and attention_mask is None:
         cu_seqlens = _flash_kwargs_packing(kwargs, query.shape[0], q_len, k_len)
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"s_aux must be a tensor of attention sinks, got {type(sinks).__name__}")
+    if sinks is not None and tuple(sinks.shape) != (query.shape[1],):
+        raise ValueError(
+            f"s_aux must hold one attention sink per query head, shape ({query.shape[1]},); got "
+            f"{tuple(sinks.shape)}"
+        )
     out = flash_attn(
         query,
         key,
@@ -625,8 +635,24 @@ def attention_forward(
         key_padding_mask=kpm,
         cu_seqlens=cu_seqlens,
         sliding_window=narrower_window(window, q_len, km.kv_len),  # unused cache slots cut
+        return_lse=sinks is not None,
     )
+    if sinks is not None:
+        return _with_sinks(*out, sinks), None
     return out.transpose(1, 2), None
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The attention output with sinks, from the kernels' output without them: a sink adds
+    exp(sink) to each row's softmax denominator and nothing to its sum of values, so the row
+    scales by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink) (what transformers'
+    flex_attention path does with flex's lse). The backward reaches q and k through lse (the
+    kernels take its gradient) and the sinks through this product. Rows with nothing to attend
+    (lse -inf) stay zero. Returns (batch, seq_q, heads_q, head_dim), contiguous."""
+    keep = torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])  # (batch, heads, seq), fp32
+    # out is (batch, heads, seq, dim) over (batch, seq, heads, dim) memory: multiplied in the
+    # latter, the product is contiguous; in out's dtype, so autograd keeps no float32 copy
+    return out.transpose(1, 2) * keep.transpose(1, 2).unsqueeze(-1).to(out.dtype)
 
 
 # The last (cu_seq_lens_q, cu_seq_lens_k) pair found equal: transformers hands every layer the

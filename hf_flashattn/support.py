@@ -48,6 +48,8 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "EmbeddingGemma) sliding windows: each query block visits only the keys in its window; "
     "transformers' windowed mask is checked once per forward, so compiled, a window narrower "
     "than the keys runs eager",
+    "attention sinks": "gpt-oss's learnable per-head sinks (s_aux): the kernels' output scaled "
+    "by each row's sigmoid(lse - sink), gradients to the sinks included",
     "dropout": "on the attention probabilities, drawn inside the kernel, one byte per "
     "probability as FlashAttention-2 draws it: the rate applied is the requested one rounded to "
     "1/256 (op.applied_dropout_rate), and kept values scale by exactly that rate's 1 / (1 - p)",
@@ -83,7 +85,6 @@ FALLBACK_REASONS: dict[str, str] = {
     "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before "
     "hf_flashattn is imported)",
     "softcap": "attention logit soft-capping",
-    "attention_sinks": "attention sinks (s_aux)",
     "position_bias": "an additive position bias",
     "mask": "the attention mask is not key padding + causal or packed sequences (an arbitrary "
     "additive bias, chunked or blockwise attention)",
@@ -156,8 +157,6 @@ def unsupported_reason(
         return FALLBACK_REASONS["device"]
     if kwargs.get("softcap") is not None:
         return FALLBACK_REASONS["softcap"]
-    if kwargs.get("s_aux") is not None:
-        return FALLBACK_REASONS["attention_sinks"]
     if kwargs.get("position_bias") is not None:
         return FALLBACK_REASONS["position_bias"]
     if not mask_expressible:

@@ -13,6 +13,8 @@ from transformers import (
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -87,6 +89,29 @@ _MODERNBERT = dict(
 )
 
 
+# gpt-oss: attention sinks (one learnable logit per query head, passed as ``s_aux``),
+# alternating sliding-window and full layers, GQA, mixture-of-experts MLPs.
+_GPT_OSS = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention"],
+    # plain RoPE: the default YaRN parameters assume a 4096-token original context
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def _build(model_class, config, device, impl: str) -> PreTrainedModel:
     torch.manual_seed(0)
     model = model_class(config).to(device).eval()
@@ -118,6 +143,16 @@ def modernbert(device, impl: str = "eager", **overrides) -> ModernBertForMaskedL
     """A random 3-layer ModernBERT (layers 1 and 2 local, 0 global), without dropout."""
     config = ModernBertConfig(**(_MODERNBERT | overrides))
     return _build(ModernBertForMaskedLM, config, device, impl)
+
+
+def gpt_oss(device, impl: str = "eager", **overrides) -> GptOssForCausalLM:
+    """A random 2-layer gpt-oss (layer 0 a 4-key sliding window, layer 1 full) whose sinks are
+    drawn from N(0, 1), large enough to move every row's softmax (its init gives ~0)."""
+    model = _build(GptOssForCausalLM, GptOssConfig(**(_GPT_OSS | overrides)), device, impl)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model
 
 
 MODELS = {"llama": llama, "gpt2": gpt2}
