@@ -580,9 +580,9 @@ def attention_forward(
         scaling: float, default ``head_dim ** -0.5``. Multiplies q @ k^T (GPT-2 passes its own).
         dropout: float, default 0. Dropout probability (transformers passes 0 unless training).
         kwargs: other keyword arguments from the model: ``sliding_window`` (causal, or
-            bidirectional with ``is_causal`` False: the kernels take both); ``output_attentions``,
-            ``s_aux`` (attention sinks, gpt-oss's: one logit per query head that joins each
-            row's softmax and contributes no value); ``output_attentions``, ``softcap``,
+            bidirectional with ``is_causal`` False: the kernels take both); ``s_aux``
+            (attention sinks, gpt-oss's: one logit per query head that joins each row's
+            softmax and contributes no value); ``output_attentions``, ``softcap``,
             ``position_bias`` send the call to eager attention.
 
     Return:
@@ -618,13 +618,16 @@ def attention_forward(
     if cu_seqlens is None and attention_mask is None:
         cu_seqlens = _flash_kwargs_packing(kwargs, query.shape[0], q_len, k_len)
     sinks = kwargs.get("s_aux")
-    if sinks is not None and not isinstance(sinks, torch.Tensor):
-        raise TypeError(f"s_aux must be a tensor of attention sinks, got {type(sinks).__name__}")
-    if sinks is not None and tuple(sinks.shape) != (query.shape[1],):
-        raise ValueError(
-            f"s_aux must hold one attention sink per query head, shape ({query.shape[1]},); got "
-            f"{tuple(sinks.shape)}"
-        )
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(
+                f"s_aux must be a tensor of attention sinks, got {type(sinks).__name__}"
+            )
+        if tuple(sinks.shape) != (query.shape[1],):
+            raise ValueError(
+                f"s_aux must hold one attention sink per query head, shape ({query.shape[1]},); "
+                f"got {tuple(sinks.shape)}"
+            )
     out = flash_attn(
         query,
         key,

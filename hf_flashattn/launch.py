@@ -143,7 +143,8 @@ class _Launcher:
         if self.binaries is not None:
             self.binaries.clear()
         self.tail = self._constexpr_tail()
-        self.per_sm: int | None = None  # programs_per_sm's answer, once asked
+        # programs_per_sm's answer: None until asked, 0 where there is none to read
+        self.per_sm: int | None = None
 
     def _constexpr_tail(self) -> tuple | None:
         """The constexpr values in signature order, which the compiled launcher takes after the
@@ -168,9 +169,11 @@ class _Launcher:
     def programs_per_sm(self, tensors: tuple, floats: tuple, ints: tuple) -> int | None:
         """How many programs of the binary these arguments launch one SM holds at once, as its
         registers, shared memory and threads allow: a grid of that many per SM runs in one
-        wave. The binary is compiled (not launched) on the first ask, and the answer kept.
-        None under the interpreter, or where the binary does not say its registers."""
-        if self.per_sm is None and self.binaries is not None:
+        wave. The binary is compiled (not launched) on the first ask, and the answer kept, none
+        included. None under the interpreter, or where the binary does not say its registers."""
+        if self.per_sm is None and self.binaries is None:  # the interpreter: no binary
+            self.per_sm = 0
+        if self.per_sm is None:
             while True:
                 try:
                     compiled = self.kernel.warmup(
@@ -180,8 +183,8 @@ class _Launcher:
                     break
                 except OutOfResources as err:
                     self._step_down(err)
-            self.per_sm = _resident_programs(compiled, tensors[0].get_device())
-        return self.per_sm
+            self.per_sm = _resident_programs(compiled, tensors[0].get_device()) or 0
+        return self.per_sm or None
 
     def __call__(self, rows: int, heads: int, tensors: tuple, floats: tuple, ints: tuple):
         """Launch over ``rows`` (queries or keys) x ``heads`` with the kernel's arguments in

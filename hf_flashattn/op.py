@@ -160,9 +160,10 @@ def _sm_count(device_index: int) -> int:
 
 def _target_programs(device: torch.device, programs: int, per_sm: int | None) -> int:
     """Split-KV programs to aim at, given ``programs`` (batch x K/V heads) per key slice and
-    ``per_sm``, how many programs of the split kernel one SM holds at once: as many as the GPU
-    holds, and no more. Decoding is bound by memory bandwidth, and a grid past one full wave
-    leaves a second, part-filled one reading at a fraction of it: at 64 programs a slice
+    ``per_sm``, how many programs of the split kernel one SM holds at once (0 or None: not
+    known): as many as the GPU holds, and no more. Decoding is bound by memory bandwidth, and a
+    grid past one full wave leaves a second, part-filled one reading at a fraction of it: at
+    64 programs a slice
     (batch 16, 4 K/V heads; 4 per SM on 132 SMs) 8 slices (512 programs) ran at 0.99-1.00x
     sdpa's kernel time where 9 (576) ran at 0.73-0.88x and 5, the two-programs-per-SM rule's,
     0.94-0.97x (H200, benchmarks/NOTES.md fifteenth session). Where the binary's residency is
@@ -361,14 +362,14 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
     programs = batch * heads_kv
     lengths = (kpm.stride(0) if has_kpm else 0, heads_kv, seqlen_q, seqlen_k)
     strides = (*q.stride(), kb, kh, kn, kd, vb, vh, vn, vd, *lengths)
-    per_sm = split.per_sm
-    if per_sm is None:
-        # once per binary: compiled, not launched (the slice counts are unspecialised ints,
-        # so any compiles it; lse stands in for the float32 partials, not allocated yet)
-        per_sm = split.programs_per_sm(
+    if split.per_sm is None:
+        # asked once per binary, so its arguments are built only then: compiled, not launched
+        # (the slice counts are unspecialised ints, so any compiles it; lse stands in for the
+        # float32 partials, not allocated yet)
+        split.programs_per_sm(
             (q, k, v, lse, kpm), (scale * _LOG2E,), (*strides, 1, 1, 1, window, shift)
         )
-    target = _target_programs(q.device, programs, per_sm)
+    target = _target_programs(q.device, programs, split.per_sm)
     n_splits, split_len = _decode_splits(programs, seqlen_k, split.cfg.block_n, target)
     # n_parts partial rows of head_dim floats, then their n_parts log2-sum-exps
     n_parts = batch * heads_q * n_splits * seqlen_q

@@ -844,6 +844,7 @@ def test_programs_per_sm_read_off_the_binary(monkeypatch):
         (Binary(125, 38912, 4), 4),  # 125 registers are allocated as 128
         (Binary(64, 100_000, 4), 2),  # shared memory
         (Binary(32, 1024, 16), 4),  # threads: 512 of 2048
+        (Binary(0, 1024, 4), None),  # no register count: unknown, and not asked again
     ):
         kernel = Kernel()
         kernel.binary = binary
