@@ -580,10 +580,10 @@ def attention_forward(
         scaling: float, default ``head_dim ** -0.5``. Multiplies q @ k^T (GPT-2 passes its own).
         dropout: float, default 0. Dropout probability (transformers passes 0 unless training).
         kwargs: other keyword arguments from the model: ``sliding_window`` (causal, or
-            bidirectional with ``is_causal`` False: the kernels take both); ``s_aux``
-            (attention sinks, gpt-oss's: one logit per query head that joins each row's
-            softmax and contributes no value); ``output_attentions``, ``softcap``,
-            ``position_bias`` send the call to eager attention.
+            bidirectional with ``is_causal`` False: the kernels take both); ``softcap`` (Gemma
+            2's logit soft-capping); ``s_aux`` (attention sinks, gpt-oss's: one logit per query
+            head that joins each row's softmax and contributes no value);
+            ``output_attentions`` and ``position_bias`` send the call to eager attention.
 
     Return:
         attn_output: (batch_size, seqlen_q, heads_q, head_dim), contiguous.
@@ -638,6 +638,7 @@ def attention_forward(
         key_padding_mask=kpm,
         cu_seqlens=cu_seqlens,
         sliding_window=narrower_window(window, q_len, km.kv_len),  # unused cache slots cut
+        softcap=kwargs.get("softcap"),
         return_lse=sinks is not None,
     )
     if sinks is not None:

@@ -101,13 +101,15 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
     config (the dK/dV pass's depends on the sequence length), else the table's."""
     launcher = _LAUNCHERS.get((name, key, cfg))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, window, own = key
+        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, window, *rest = key
+        softcap, own = rest
         grads = _DKDV_GRADS.get(name)
         kernel, table, grid_block = _KERNELS["dkdv" if grads else name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
         if grads:
             constexprs["GRADS"] = grads
         constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q, HAS_WINDOW=window)
+        constexprs["HAS_SOFTCAP"] = softcap
         # the head dim in one or two power-of-two chunks (the decode kernel pads it instead:
         # it reads K/V once, its dots are not what it waits on)
         constexprs.update(head_dim_constexprs(head_dim))
@@ -127,12 +129,12 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
 def _decode_launcher(key: tuple) -> _Launcher:
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window = key
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, softcap = key
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
-        constexprs.update(KV_ALIGNED=kv_aligned, HAS_WINDOW=window)
+        constexprs.update(KV_ALIGNED=kv_aligned, HAS_WINDOW=window, HAS_SOFTCAP=softcap)
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
             attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
         )
@@ -275,11 +277,12 @@ def _diagonal(causal: bool, window: int) -> tuple[bool, int, int]:
 
 # ---------------------------------------------------------------------------- launch functions
 @_on_device
-def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window):
+def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, softcap):
     """Launch the forward. q (batch, heads_q, seq_q, dim), k/v (batch, heads_kv, seq_k, dim),
     last dim dense; segments: packed sequences' token bounds (``_segment_bounds``), or None;
     seed: (1,) int64 on q's device, or None without dropout; window: the causal sliding
-    window (query i sees keys j > i + seq_k - seq_q - window), 0 for none.
+    window (query i sees keys j > i + seq_k - seq_q - window), 0 for none; softcap: scores
+    capped as softcap * tanh(scores / softcap), 0.0 for none.
     Returns out (batch, heads_q, seq_q, dim) stored as (batch, seq, heads, dim), and lse
     (batch, heads_q, seq_q) float32."""
     batch, heads_q, seqlen_q, head_dim = q.shape
@@ -304,17 +307,17 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     few_rows = group * seqlen_q <= max_decode_rows(head_dim)
     if dropout_p == 0.0 and not has_seg and not pad_q and few_rows:
         kpm_or_none = kpm if has_kpm else None
-        _split_kv_forward(q, k, v, out, lse, kpm_or_none, causal, scale, window, shift)
+        _split_kv_forward(q, k, v, out, lse, kpm_or_none, causal, scale, window, shift, softcap)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0)
+    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
     key = (q.dtype, head_dim, group, causal, *flags, scale > 0)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
         (q, k, v, out, lse, kpm, segments if has_seg else q, q if seed is None else seed),
-        (scale * _LOG2E, dropout_p),
+        (scale * _LOG2E, dropout_p, softcap),
         (
             *q.stride(),
             *k.stride(),
@@ -334,7 +337,9 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     return out, lse
 
 
-def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window, shift) -> None:
+def _split_kv_forward(
+    q, k, v, out, lse, key_padding_mask, causal, scale, window, shift, softcap
+) -> None:
     """Few query rows against many keys (decoding): the keys split over programs so the GPU
     fills, the query heads of a GQA group packed into one tile, the slices merged through their
     log-sum-exps (kernels/decode.py). Writes ``out`` and ``lse`` like the main forward. With a
@@ -358,6 +363,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
         kb, kh, vb, vh = kb >> 4, kh >> 4, vb >> 4, vh >> 4
     split = _decode_launcher(
         (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned, window > 0)
+        + (softcap > 0.0,)
     )
     programs = batch * heads_kv
     lengths = (kpm.stride(0) if has_kpm else 0, heads_kv, seqlen_q, seqlen_k)
@@ -367,7 +373,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
         # (the slice counts are unspecialised ints, so any compiles it; lse stands in for the
         # float32 partials, not allocated yet)
         split.programs_per_sm(
-            (q, k, v, lse, kpm), (scale * _LOG2E,), (*strides, 1, 1, 1, window, shift)
+            (q, k, v, lse, kpm), (scale * _LOG2E, softcap), (*strides, 1, 1, 1, window, shift)
         )
     target = _target_programs(q.device, programs, split.per_sm)
     n_splits, split_len = _decode_splits(programs, seqlen_k, split.cfg.block_n, target)
@@ -378,7 +384,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
         n_splits,
         programs,
         (q, k, v, parts, kpm),
-        (scale * _LOG2E,),
+        (scale * _LOG2E, softcap),
         (*strides, split_len, n_splits, n_parts, window, shift),
     )
     _combine_launcher(head_dim, n_splits)(
@@ -393,7 +399,7 @@ def _split_kv_forward(q, k, v, out, lse, key_padding_mask, causal, scale, window
 @_on_device
 def _backward(
     q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed,
-    window,
+    window, softcap,
 ):  # fmt: skip
     """Launch the backward: the dQ pass (which also computes delta, with dlse folded in), then
     the dK/dV pass. dout like out, or None (only lse was used); dlse like lse, or None.
@@ -430,13 +436,13 @@ def _backward(
     seg, seg_stride = (segments, segments.stride(0)) if has_seg else (q, 0)
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
-    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0)
+    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
     key = (q.dtype, head_dim, group, causal, *flags, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,
         (q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, kpm, seg, seed),
-        (qk_scale, scale, dropout_p),
+        (qk_scale, scale, dropout_p, softcap),
         (
             *q.stride(),
             *k.stride(),
@@ -455,7 +461,7 @@ def _backward(
     )
     dkdv_args = (
         (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed),
-        (qk_scale, scale, dropout_p),
+        (qk_scale, scale, dropout_p, softcap),
         (
             *q.stride(),
             *k.stride(),
@@ -499,19 +505,19 @@ def _sum_parts(parts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # Shared by the eager Function and the custom op's autograd: what the forward saves, and how
 # the backward launch (``_backward`` eagerly, ``_bwd_op`` under torch.compile) uses it.
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window = inputs
+    q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segments, seed)
     ctx.args = (causal, scale, dropout_p)
-    ctx.window = window
+    ctx.tail = (window, softcap)
 
 
 def _input_grads(launch_backward, ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask, segments, seed = ctx.saved_tensors
     dq, dk, dv = launch_backward(
-        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, *ctx.args, seed, ctx.window
+        q, k, v, out, lse, dout, dlse, key_padding_mask, segments, *ctx.args, seed, *ctx.tail
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 class _FlashAttn(torch.autograd.Function):
@@ -543,12 +549,15 @@ def _fwd_op(
     dropout_p: float,
     seed: torch.Tensor | None,
     window: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window)
+    return _forward(
+        q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, softcap
+    )
 
 
 @_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window):
+def _(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, softcap):
     batch, heads_q, seqlen_q, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, heads_q, head_dim)).transpose(1, 2)
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
@@ -571,17 +580,18 @@ def _bwd_op(
     dropout_p: float,
     seed: torch.Tensor | None,
     window: int,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(
         q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed,
-        window,
+        window, softcap,
     )  # fmt: skip
 
 
 @_bwd_op.register_fake
 def _(
     q, k, v, out, lse, dout, dlse, key_padding_mask, segments, causal, scale, dropout_p, seed,
-    window,
+    window, softcap,
 ):  # fmt: skip
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -685,6 +695,7 @@ def flash_attn(
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     layout: str = "bhsd",
 ):
@@ -749,6 +760,9 @@ def flash_attn(
             less than ``sliding_window`` away on either side: ``|i + seq_k - seq_q - j| <
             sliding_window`` (ModernBERT's local layers, EmbeddingGemma, T5Gemma). Keys outside
             every query's window are not visited.
+        softcap: float > 0, default None. Logit soft-capping (Gemma 2): the scaled scores
+            ``s = scale * q @ k^T`` become ``softcap * tanh(s / softcap)`` before the softmax,
+            as FlashAttention-2's ``softcap`` does.
         return_lse: bool, default False. Also return the log-sum-exp of the scaled scores
             (differentiable: gradients through it reach q and k).
         layout: "bhsd" (default) or "bshd", the layout of q, k, v and of out.
@@ -768,6 +782,13 @@ def flash_attn(
         if sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         window = sliding_window
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+        if not (0.0 < softcap < float("inf")):
+            raise ValueError(f"softcap must be a positive finite float, got {softcap}")
+        cap = float(softcap)
     segments = None
     if cu_seqlens is not None:
         if key_padding_mask is not None:
@@ -790,7 +811,7 @@ def flash_attn(
         key_padding_mask = key_padding_mask.contiguous()
     causal, dropout_p = bool(causal), applied_dropout_rate(dropout_p)
     seed = _new_seed(q.device) if dropout_p > 0.0 else None
-    args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window)
+    args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, cap)
     if torch.compiler.is_compiling():
         out, lse = _fwd_op(*args)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -48,6 +48,8 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "EmbeddingGemma) sliding windows: each query block visits only the keys in its window; "
     "transformers' windowed mask is checked once per forward, so compiled, a window narrower "
     "than the keys runs eager",
+    "logit soft-capping": "Gemma 2's attn_logit_softcapping: scores capped as softcap * "
+    "tanh(s / softcap) inside every kernel, the backward through the cap's derivative",
     "attention sinks": "gpt-oss's learnable per-head sinks (s_aux): the kernels' output scaled "
     "by each row's sigmoid(lse - sink), gradients to the sinks included",
     "dropout": "on the attention probabilities, drawn inside the kernel, one byte per "
@@ -84,7 +86,6 @@ FALLBACK_REASONS: dict[str, str] = {
     "head size",
     "device": "tensors are not on a CUDA GPU (the CPU needs TRITON_INTERPRET=1 before "
     "hf_flashattn is imported)",
-    "softcap": "attention logit soft-capping",
     "position_bias": "an additive position bias",
     "mask": "the attention mask is not key padding + causal or packed sequences (an arbitrary "
     "additive bias, chunked or blockwise attention)",
@@ -155,8 +156,6 @@ def unsupported_reason(
         return FALLBACK_REASONS["head_size"]
     if not (query.device.type == "cuda" or (query.device.type == "cpu" and INTERPRETING)):
         return FALLBACK_REASONS["device"]
-    if kwargs.get("softcap") is not None:
-        return FALLBACK_REASONS["softcap"]
     if kwargs.get("position_bias") is not None:
         return FALLBACK_REASONS["position_bias"]
     if not mask_expressible:

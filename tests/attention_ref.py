@@ -23,6 +23,7 @@ def attention_ref(
     key_padding_mask=None,
     cu_seqlens=None,
     sliding_window=None,
+    softcap=None,
     dropout_keep=None,
     dropout_p=0.0,
     upcast=True,
@@ -30,7 +31,7 @@ def attention_ref(
     """q (b, hq, sq, d), k/v (b, hkv, sk, d); dropout_keep (b, hq, sq, sk) bool or None;
     cu_seqlens (n + 1,) or (b, n + 1): packed sequences, each attending only within itself;
     sliding_window: query i sees keys j > i + sk - sq - sliding_window too (and, not causal,
-    j < i + sk - sq + sliding_window)."""
+    j < i + sk - sq + sliding_window); softcap: scores capped as softcap * tanh(s / softcap)."""
     dtype_out = q.dtype
     if upcast:
         # float64 wherever affordable; float32 on the GPU is enough for 16-bit inputs
@@ -42,6 +43,8 @@ def attention_ref(
     v = v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-1, -2)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     visible = _visible(q, k, causal, key_padding_mask, cu_seqlens, sliding_window)
     empty_row = ~visible.any(-1, keepdim=True)
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(empty_row, 0.0)

@@ -732,7 +732,6 @@ def test_sliding_window_read_from_kwargs_instance_class_or_property():
 @pytest.mark.parametrize(
     "reason, kwargs",
     [
-        ("softcap", {"softcap": 30.0}),
         ("position_bias", {"position_bias": torch.zeros(1, 4, 5, 5)}),
     ],
 )

@@ -33,11 +33,11 @@ def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_di
 
 def _check(
     device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None, cu_seqlens=None,
-    sliding_window=None,
+    sliding_window=None, softcap=None,
 ):  # fmt: skip
     """Forward, LSE and all three gradients of flash_attn against the reference."""
     kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
-    kw.update(sliding_window=sliding_window)
+    kw.update(sliding_window=sliding_window, softcap=softcap)
     out, lse = flash_attn(q, k, v, return_lse=True, **kw)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
@@ -131,7 +131,7 @@ def test_gqa_group_shared_out_in_dkdv(device, monkeypatch, parts, causal):
     with torch.no_grad():
         out, lse = flash_attn(q, k, v, causal=causal, return_lse=True)
         args = (q, k, v, out, lse, torch.randn_like(out), None, None, None, causal, 0.125, 0.0)
-        _, dk, dv = op._backward(*args, None, 0)
+        _, dk, dv = op._backward(*args, None, 0, 0.0)
     assert dk.stride() == k.stride() and dv.stride() == v.stride()
 
 
@@ -872,10 +872,10 @@ def test_eager_calls_skip_the_custom_op(device, monkeypatch):
         flash_attn(q, k, v)
 
 
-@pytest.mark.parametrize("case", ["plain", "packed", "sliding window"])
+@pytest.mark.parametrize("case", ["plain", "packed", "sliding window", "softcap"])
 def test_custom_op_matches_eager_path(device, case):
     """The torch.compile path (custom ops, their autograd) runs the same launch functions, with
-    packed sequences' token bounds and a sliding window too."""
+    packed sequences' token bounds, a sliding window and soft-capped logits too."""
     from hf_flashattn import op
     from hf_flashattn.packing import token_bounds
 
@@ -884,7 +884,8 @@ def test_custom_op_matches_eager_path(device, case):
     q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, seqlen_k, 32)
     segments = token_bounds(torch.tensor([0, 15, 40], device=device), 40) if packed else None
     window = 7 if case == "sliding window" else 0
-    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None, window)
+    softcap = 2.0 if case == "softcap" else 0.0
+    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None, window, softcap)
     out, lse = op._fwd_op(*args)
     out_e, lse_e = op._FlashAttn.apply(*args)
     assert torch.equal(out, out_e) and torch.equal(lse, lse_e)

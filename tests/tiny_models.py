@@ -11,6 +11,8 @@ from attention_ref import assert_close_to_ref
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GptOssConfig,
@@ -112,6 +114,27 @@ _GPT_OSS = dict(
 )
 
 
+# Gemma 2: attention logits soft-capped (softcap * tanh(s / softcap)), alternating sliding-window
+# and full layers. A cap of 2, not Gemma's 50: the random model's scores must reach it.
+_GEMMA2 = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    sliding_window=4,
+    attn_logit_softcapping=2.0,
+    query_pre_attn_scalar=4,  # scale 0.5: larger scores than head_dim's 0.25
+    initializer_range=0.1,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def _build(model_class, config, device, impl: str) -> PreTrainedModel:
     torch.manual_seed(0)
     model = model_class(config).to(device).eval()
@@ -153,6 +176,12 @@ def gpt_oss(device, impl: str = "eager", **overrides) -> GptOssForCausalLM:
         for layer in model.model.layers:
             layer.self_attn.sinks.normal_(0.0, 1.0)
     return model
+
+
+def gemma2(device, impl: str = "eager", **overrides) -> Gemma2ForCausalLM:
+    """A random 2-layer Gemma 2 (layer 0 a 4-key sliding window, layer 1 full), its attention
+    logits capped at 2."""
+    return _build(Gemma2ForCausalLM, Gemma2Config(**(_GEMMA2 | overrides)), device, impl)
 
 
 MODELS = {"llama": llama, "gpt2": gpt2}

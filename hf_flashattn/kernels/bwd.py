@@ -20,6 +20,7 @@ from .fwd import (
     _program_blocks,
     _segment_mask,
     _segment_span,
+    _softcapped,
     _turn_block,
     _visible,
     _within_one_sequence,
@@ -39,14 +40,24 @@ def _recompute_p(
     causal_offset,
     window,
     qk_scale,
+    softcap,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
-    # P = exp2(S * scale * log2e - lse * log2e) from the raw scores S; masked entries are 0
-    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    # P = exp2(S * scale * log2e - lse * log2e) from the raw scores S; masked entries are 0.
+    # Soft-capped: P from the capped scores, and the cap's derivative 1 - tanh^2 for dS (else
+    # P again, unused)
+    if HAS_SOFTCAP:
+        capped, t = _softcapped(qk, qk_scale, softcap)
+        p = tl.math.exp2(capped - lse2[:, None])
+        dcap = 1.0 - t * t
+    else:
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        dcap = p
     if MASKED:
         valid = _visible(
             offs_m[:, None], cols[None, :], seqlen_k, causal_offset, window, IS_CAUSAL, HAS_WINDOW
@@ -57,7 +68,7 @@ def _recompute_p(
     if HAS_KPM:
         keep_col = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0)
         p = tl.where(keep_col[None, :] != 0, p, 0.0)
-    return p
+    return p, dcap
 
 
 @triton.jit
@@ -100,6 +111,7 @@ def _attn_bwd_dkdv_inner(
     causal_offset,
     window,
     qk_scale,
+    softcap,
     dropout_p,
     seed,
     bh,
@@ -116,6 +128,7 @@ def _attn_bwd_dkdv_inner(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GRADS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     # Everything is computed transposed (keys along M): each dot then has M = BLOCK_N, the
     # resident K/V block, which is what Hopper's warpgroup MMA needs (M >= 64). GRADS: which
@@ -155,7 +168,11 @@ def _attn_bwd_dkdv_inner(
                 do1 = do1.to(tl.float32)
             qk_t = tl.dot(k1, q1_t, qk_t, input_precision=DOT_PRECISION)
         # P^T = exp2(K Q^T * scale * log2e - lse * log2e); masked entries are exactly 0
-        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if HAS_SOFTCAP:
+            capped_t, t_t = _softcapped(qk_t, qk_scale, softcap)
+            p_t = tl.math.exp2(capped_t - lse2[None, :])
+        else:
+            p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
             valid = _visible(
                 offs_m[None, :],
@@ -190,6 +207,8 @@ def _attn_bwd_dkdv_inner(
             dv = tl.dot(p_drop_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if GRADS & 2:
             ds_t = p_t * (dp_t - delta[None, :])
+            if HAS_SOFTCAP:  # through the cap: d(softcap tanh(x / softcap)) = 1 - tanh^2
+                ds_t = ds_t * (1.0 - t_t * t_t)
             dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
         if SPLIT_D:
             if GRADS & 1:
@@ -217,6 +236,7 @@ def attn_bwd_dkdv_kernel(
     qk_scale,
     sm_scale,
     dropout_p,
+    softcap,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -267,6 +287,7 @@ def attn_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr,
     GROUP_PARTS: tl.constexpr,
     GRADS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     # GRADS: 3 computes dK and dV; 1 dV alone and 2 dK alone, as two launches of one call
     # (op._backward, configs.KernelConfig.split_grads): one float32 accumulator per program
@@ -409,6 +430,7 @@ def attn_bwd_dkdv_kernel(
                     causal_offset,
                     window,
                     qk_scale,
+                    softcap,
                     dropout_p,
                     seed,
                     bh,
@@ -425,6 +447,7 @@ def attn_bwd_dkdv_kernel(
                     UPCAST,
                     DOT_PRECISION,
                     GRADS,
+                    HAS_SOFTCAP,
                 )
 
         dk = dk * sm_scale
@@ -486,6 +509,7 @@ def _attn_bwd_dq_inner(
     causal_offset,
     window,
     qk_scale,
+    softcap,
     dropout_p,
     seed,
     bh,
@@ -501,6 +525,7 @@ def _attn_bwd_dq_inner(
     HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     keep_scale = 1.0 / (1.0 - dropout_p)  # dropout: kept entries of dP scale up
@@ -536,7 +561,7 @@ def _attn_bwd_dq_inner(
                 k1 = k1.to(tl.float32)
                 v1 = v1.to(tl.float32)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
-        p = _recompute_p(
+        p, dcap = _recompute_p(
             qk,
             lse2,
             offs_m,
@@ -548,11 +573,13 @@ def _attn_bwd_dq_inner(
             causal_offset,
             window,
             qk_scale,
+            softcap,
             MASKED,
             IS_CAUSAL,
             HAS_KPM,
             HAS_SEG,
             HAS_WINDOW,
+            HAS_SOFTCAP,
         )
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if SPLIT_D:
@@ -563,6 +590,8 @@ def _attn_bwd_dq_inner(
             )
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:  # through the cap: d(softcap tanh(x / softcap)) = 1 - tanh^2
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         if SPLIT_D:
             dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PRECISION)
@@ -586,6 +615,7 @@ def attn_bwd_dq_kernel(
     qk_scale,
     sm_scale,
     dropout_p,
+    softcap,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -633,6 +663,7 @@ def attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     PAD_Q: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -741,6 +772,7 @@ def attn_bwd_dq_kernel(
                 causal_offset,
                 window,
                 qk_scale,
+                softcap,
                 dropout_p,
                 seed,
                 bh,
@@ -756,6 +788,7 @@ def attn_bwd_dq_kernel(
                 HAS_DROPOUT,
                 UPCAST,
                 DOT_PRECISION,
+                HAS_SOFTCAP,
             )
         dq_rows = DQ + b64 * stride_dqb + h * stride_dqh + rows * stride_dqm
         dq = dq * sm_scale

@@ -13,7 +13,7 @@ Masks as in the main forward: key padding, bottom-right causal alignment, the se
 import triton
 import triton.language as tl
 
-from .fwd import _visible
+from .fwd import _softcapped, _visible
 
 
 # Lengths, the mask's row stride and the cache's batch/head strides change every decoding step
@@ -34,6 +34,7 @@ def attn_decode_split_kernel(
     Parts,
     KPM,
     qk_scale,
+    softcap,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -66,6 +67,7 @@ def attn_decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_ALIGNED: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     if KV_ALIGNED:
         stride_kb = stride_kb * 16
@@ -123,7 +125,11 @@ def attn_decode_split_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            qk, _ = _softcapped(qk, qk_scale, softcap)
+        else:
+            qk = qk * qk_scale
         valid = _visible(
             qi[:, None], cols[None, :], end, causal_offset, window, IS_CAUSAL, HAS_WINDOW
         )

@@ -251,6 +251,16 @@ def _load_kv_tile(ptrs, cols, seqlen_k, col_mask, MASKED: tl.constexpr, UPCAST: 
 
 
 @triton.jit
+def _softcapped(qk, qk_scale, softcap):
+    """Logit soft-capping (Gemma 2): the raw scores S = Q K^T as softcap * tanh(S * scale /
+    softcap), in the kernels' log2 units (times log2 e), and the tanh itself, whose 1 - t^2 the
+    backward's dS takes. tanh from exp2 (1 - 2 / (e^2y + 1): exact at both ends, +-1 past
+    overflow), not libdevice's, which the interpreter lacks."""
+    t = 1.0 - 2.0 / (tl.math.exp2(qk * (2.0 * qk_scale / softcap)) + 1.0)
+    return t * (softcap * 1.4426950408889634), t
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc,
     acc1,
@@ -272,6 +282,7 @@ def _attn_fwd_inner(
     causal_offset,
     window,
     qk_scale,
+    softcap,
     dropout_p,
     seed,
     bh,
@@ -294,6 +305,7 @@ def _attn_fwd_inner(
     DOT_PRECISION: tl.constexpr,
     SCALE_POSITIVE: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
     d1_mask = offs_d1 < HEAD_DIM
@@ -311,8 +323,10 @@ def _attn_fwd_inner(
         # Unmasked blocks (most of them) scale inside the exponent, one FMA an element, and
         # max(S) * scale is the scaled max when the scale is positive. Masked blocks scale
         # first (-inf times a zero scale would be NaN).
-        FUSED: tl.constexpr = SCALE_POSITIVE and not MASKED and not HAS_KPM
-        if not FUSED:
+        FUSED: tl.constexpr = SCALE_POSITIVE and not MASKED and not HAS_KPM and not HAS_SOFTCAP
+        if HAS_SOFTCAP:
+            qk, _ = _softcapped(qk, qk_scale, softcap)
+        elif not FUSED:
             qk = qk * qk_scale
         # -- mask: sequence end, causal diagonal and packed sequences only in the MASKED stage
         if MASKED:
@@ -372,6 +386,7 @@ def attn_fwd_kernel(
     Seed,
     qk_scale,
     dropout_p,
+    softcap,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -411,6 +426,7 @@ def attn_fwd_kernel(
     PAD_Q: tl.constexpr,
     SCALE_POSITIVE: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -508,6 +524,7 @@ def attn_fwd_kernel(
                 causal_offset,
                 window,
                 qk_scale,
+                softcap,
                 dropout_p,
                 seed,
                 bh,
@@ -530,6 +547,7 @@ def attn_fwd_kernel(
                 DOT_PRECISION,
                 SCALE_POSITIVE,
                 HAS_WINDOW,
+                HAS_SOFTCAP,
             )
 
         # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
