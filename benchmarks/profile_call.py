@@ -59,7 +59,7 @@ def main() -> None:
     q, k, v, dout = b.make_inputs(layer)
     qd, kd, vd = (t.detach() for t in (q, k, v))
     scale = layer.head_dim**-0.5
-    forward = partial(op._forward, qd, kd, vd, None, None, True, scale, 0.0, None, 0)
+    forward = partial(op._forward, qd, kd, vd, None, None, True, scale, 0.0, None, 0, 0.0)
     parts = {
         "_forward, direct launch": forward,
         "_forward, kernel[grid]": without_direct_launch(forward),
