@@ -640,10 +640,11 @@ def attention_forward(
         sliding_window=narrower_window(window, q_len, km.kv_len),  # unused cache slots cut
         softcap=kwargs.get("softcap"),
         return_lse=sinks is not None,
+        out_layout="bshd",
     )
     if sinks is not None:
         return _with_sinks(*out, sinks), None
-    return out.transpose(1, 2), None
+    return out, None
 
 
 def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -652,11 +653,11 @@ def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> to
     scales by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink) (what transformers'
     flex_attention path does with flex's lse). The backward reaches q and k through lse (the
     kernels take its gradient) and the sinks through this product. Rows with nothing to attend
-    (lse -inf) stay zero. Returns (batch, seq_q, heads_q, head_dim), contiguous."""
+    (lse -inf) stay zero. ``out`` (batch, seq_q, heads_q, head_dim), contiguous, lse (batch,
+    heads_q, seq_q); returns out's shape, contiguous."""
     keep = torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])  # (batch, heads, seq), fp32
-    # out is (batch, heads, seq, dim) over (batch, seq, heads, dim) memory: multiplied in the
-    # latter, the product is contiguous; in out's dtype, so autograd keeps no float32 copy
-    return out.transpose(1, 2) * keep.transpose(1, 2).unsqueeze(-1).to(out.dtype)
+    # in out's dtype, so autograd keeps no float32 copy
+    return out * keep.transpose(1, 2).unsqueeze(-1).to(out.dtype)
 
 
 # The last (cu_seq_lens_q, cu_seq_lens_k) pair found equal: transformers hands every layer the

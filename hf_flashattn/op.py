@@ -521,19 +521,30 @@ def _input_grads(launch_backward, ctx, dout, dlse):
 
 
 class _FlashAttn(torch.autograd.Function):
-    """Eager path: the launch functions called directly, no custom-op dispatch."""
+    """Eager path: the launch functions called directly, no custom-op dispatch. ``out_bshd``:
+    the output returned as (batch, seq, heads, dim), the transpose done in here rather than as
+    an autograd node of its own (one node less to build and to run backward: host time on
+    every call, ``_transposed``)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, out_bshd, *inputs):
         out, lse = _forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
+        ctx.out_bshd = out_bshd
         # unused outputs (lse without return_lse) get None, not a tensor of zeros
         ctx.set_materialize_grads(False)
-        return out, lse
+        return _transposed(out, out_bshd), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _input_grads(_backward, ctx, dout, dlse)
+        dout = _transposed(dout, ctx.out_bshd)
+        return None, *_input_grads(_backward, ctx, dout, dlse)
+
+
+def _transposed(t: torch.Tensor | None, bshd: bool) -> torch.Tensor | None:
+    """``t`` with its heads and seq dims swapped when ``bshd`` (between the kernels'
+    (batch, heads, seq, dim) view and the caller's (batch, seq, heads, dim)); else as it is."""
+    return t.transpose(1, 2) if bshd and t is not None else t
 
 
 # ---------------------------------------------------------------------------- custom ops
@@ -698,6 +709,7 @@ def flash_attn(
     softcap: float | None = None,
     return_lse: bool = False,
     layout: str = "bhsd",
+    out_layout: str | None = None,
 ):
     """Layout caveat: q, k, v are (batch, heads, seq, head_dim) by default, NOT flash-attn's
     (batch, seq, heads, head_dim); pass ``layout="bshd"`` for that (no copy either way).
@@ -766,15 +778,22 @@ def flash_attn(
         return_lse: bool, default False. Also return the log-sum-exp of the scaled scores
             (differentiable: gradients through it reach q and k).
         layout: "bhsd" (default) or "bshd", the layout of q, k, v and of out.
+        out_layout: "bhsd" or "bshd", default ``layout``: the layout of out where it differs
+            from the inputs' (transformers' attention functions take bhsd and return bshd).
+            Either way no copy, and cheaper than transposing the result: no autograd node.
 
     Return:
-        out: (batch_size, heads_q, seqlen_q, head_dim) (bshd: (batch_size, seqlen_q, heads_q,
-            head_dim)), dtype of q. Stored as (batch, seq, heads, dim) in memory in both
-            layouts, so with "bhsd" ``out.transpose(1, 2)`` is contiguous.
+        out: (batch_size, heads_q, seqlen_q, head_dim) (out_layout "bshd": (batch_size,
+            seqlen_q, heads_q, head_dim)), dtype of q. Stored as (batch, seq, heads, dim) in
+            memory in both layouts, so the "bshd" out is contiguous.
         lse (only with return_lse=True): (batch_size, heads_q, seqlen_q) float32 in both
             layouts, natural log; -inf for rows that attend to nothing.
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout)
+    if out_layout is None:
+        out_layout = layout
+    elif out_layout not in LAYOUTS:
+        raise ValueError(f"out_layout must be one of {LAYOUTS}, got {out_layout!r}")
     window = 0
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
@@ -812,14 +831,15 @@ def flash_attn(
     causal, dropout_p = bool(causal), applied_dropout_rate(dropout_p)
     seed = _new_seed(q.device) if dropout_p > 0.0 else None
     args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, cap)
+    out_bshd = out_layout == "bshd"
     if torch.compiler.is_compiling():
         out, lse = _fwd_op(*args)
+        out = _transposed(out, out_bshd)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _FlashAttn.apply(*args)
+        out, lse = _FlashAttn.apply(out_bshd, *args)
     else:
         out, lse = _forward(*args)
-    if bshd:
-        out = out.transpose(1, 2)
+        out = _transposed(out, out_bshd)
     return (out, lse) if return_lse else out
 
 

@@ -545,6 +545,27 @@ def test_layout_bshd_takes_flash_attn_layout_without_copies(device):
         assert torch.equal(g, r.transpose(1, 2))
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_out_layout_returns_bshd_from_bhsd_inputs(device, grad):
+    """out_layout="bshd" (what transformers' attention functions return) gives the bhsd call's
+    output transposed, contiguous, with the same gradients through it; a bad value is refused."""
+    q, k, v = _inputs(device, torch.float16, 2, 4, 2, 65, 80, 64, layout="bshd")
+    with torch.set_grad_enabled(grad):
+        out = flash_attn(q, k, v, causal=True, out_layout="bshd")
+        out_ref = flash_attn(q, k, v, causal=True)
+    assert out.shape == (2, 65, 4, 64) and out.is_contiguous()
+    assert torch.equal(out, out_ref.transpose(1, 2))
+    assert out.requires_grad == grad
+    if grad:
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        grads_ref = torch.autograd.grad(out_ref, (q, k, v), dout.transpose(1, 2))
+        for g, r in zip(grads, grads_ref, strict=True):
+            assert torch.equal(g, r)
+    with pytest.raises(ValueError, match="out_layout"):
+        flash_attn(q, k, v, out_layout="sbhd")
+
+
 def test_layout_mixup_is_caught_where_shapes_tell(device):
     """Shapes cannot always tell the layouts apart (self-attention reads as valid either way),
     but e.g. 12 queries against a 16-key cache in the wrong layout break the heads rule, and
