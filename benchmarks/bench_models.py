@@ -104,6 +104,44 @@ MODELS = {
         seq_len=8192,
         auto_class="AutoModelForMaskedLM",
     ),
+    # Gemma 2's attention (logits soft-capped at 50, alternating 1024-token sliding-window and
+    # full layers, scale from query_pre_attn_scalar) on the LLaMA-style model's shapes at
+    # 4 x 2048. transformers refuses sdpa for Gemma 2 (it takes no softcap): the peers are
+    # eager and flex_attention, and the results file has no ratio against sdpa for it.
+    "gemma2": ModelSpec(
+        config=dict(
+            _LLAMA_CONFIG,
+            head_dim=128,
+            sliding_window=1024,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=128,
+        ),
+        config_class="Gemma2Config",
+        batch=4,
+        seq_len=2048,
+    ),
+    # gpt-oss's attention (one learned sink per query head, alternating 128-token sliding-window
+    # and full layers, 16:2 heads of 64) with a small mixture of experts (8, 2 per token), 12
+    # layers, at 4 x 2048. transformers refuses sdpa for gpt-oss (no sinks): peers as Gemma 2's.
+    "gpt_oss": ModelSpec(
+        config=dict(
+            hidden_size=1536,
+            intermediate_size=1536,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=32000,
+            # gpt-oss's own (YaRN from a 4096-token original context, factor 32)
+            max_position_embeddings=131072,
+            sliding_window=128,
+        ),
+        config_class="GptOssConfig",
+        batch=4,
+        seq_len=2048,
+    ),
     # Llama-3-8B's layer shapes (32:8 heads, D 128, MLP 14336, its 128k vocabulary) with 4
     # layers, one row of 8192 tokens: the long-sequence step issue 9 asks to report (~1.9B
     # parameters, most in the embeddings; ~25 GiB with AdamW).
