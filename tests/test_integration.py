@@ -18,16 +18,19 @@ import torch
 from tiny_models import (
     MODELS,
     TOL,
+    assert_step_matches,
     assert_within_torch_error,
     bert,
     forward_backward,
     gpt2,
     gpt_oss,
+    greedy_against_eager,
     left_padded_prompts,
     llama,
     mistral,
     modernbert,
     padded_batch,
+    step_against_eager,
     token_losses,
 )
 from torch._dynamo.backends.registry import lookup_backend
@@ -91,33 +94,20 @@ def test_readme_tables_copy_the_feature_list_and_the_fallback_reasons():
 def test_padded_batch_matches_eager(family, device, kernel_calls):
     model = MODELS[family](device)
     ids, mask, labels = padded_batch(device)
-    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
-    model.set_attn_implementation(IMPL)
-    logits, loss, grads = forward_backward(model, ids, mask, labels)
+    ours, ref = step_against_eager(model, IMPL, ids, mask, labels)
 
     assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
     assert all(c["key_padding_mask"] is not None and c["causal"] for c in kernel_calls)
-    real = mask.bool()  # a padded query's row differs by design (eager: uniform, kernels: zeros)
-    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    assert_step_matches(ours, ref, mask)
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_greedy_generate_left_padded_matches_eager(cache_implementation, device, kernel_calls):
     model = llama(device)
     ids, mask = left_padded_prompts(device)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=4,
-        do_sample=False,
-        cache_implementation=cache_implementation,
+    out, ref = greedy_against_eager(
+        model, IMPL, ids, mask, cache_implementation=cache_implementation
     )
-    ref = model.generate(ids, **kwargs)
-    model.set_attn_implementation(IMPL)
-    out = model.generate(ids, **kwargs)
 
     assert len(kernel_calls) == 4 * model.config.num_hidden_layers  # prefill + 3 decode steps
     assert torch.equal(out, ref)
@@ -640,17 +630,11 @@ def test_sliding_window_narrower_than_the_keys_runs_the_kernels(device, padded, 
     if not padded:
         mask = torch.ones_like(mask)
     model = mistral(device, sliding_window=3)
-    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
-    model.set_attn_implementation(IMPL)
-    logits, loss, grads = forward_backward(model, ids, mask, labels)
+    ours, ref = step_against_eager(model, IMPL, ids, mask, labels)
 
     assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
     assert all(c["sliding_window"] == 3 and c["causal"] for c in kernel_calls)
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    assert_step_matches(ours, ref, mask)
 
 
 def test_greedy_generate_with_a_sliding_window_matches_eager(device, kernel_calls):
@@ -659,10 +643,7 @@ def test_greedy_generate_with_a_sliding_window_matches_eager(device, kernel_call
     window's keys; the tokens equal eager's."""
     model = mistral(device, sliding_window=3)
     ids, mask = left_padded_prompts(device)
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
-    ref = model.generate(ids, **kwargs)
-    model.set_attn_implementation(IMPL)
-    out = model.generate(ids, **kwargs)
+    out, ref = greedy_against_eager(model, IMPL, ids, mask)
 
     assert len(kernel_calls) == 4 * model.config.num_hidden_layers  # prefill + 3 decode steps
     assert kernel_calls[0]["sliding_window"] == 3  # the prefill's keys pass the window
@@ -691,18 +672,12 @@ def test_bidirectional_sliding_window_runs_the_kernels(device, padded, kernel_ca
     if not padded:
         mask = torch.ones_like(mask)
     model = modernbert(device)
-    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
-    model.set_attn_implementation(IMPL)
-    logits, loss, grads = forward_backward(model, ids, mask, labels)
+    ours, ref = step_against_eager(model, IMPL, ids, mask, labels)
 
     assert len(kernel_calls) == model.config.num_hidden_layers  # every layer, no fallback
     windows = [c["sliding_window"] for c in kernel_calls]
     assert windows == [None, 3, 3] and not any(c["causal"] for c in kernel_calls), kernel_calls
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    assert_step_matches(ours, ref, mask)
 
 
 def test_sliding_window_read_from_kwargs_instance_class_or_property():

@@ -6,7 +6,14 @@ block shapes, and in a Gemma 2 model (training step, generation, compile)."""
 import pytest
 import torch
 from test_op import _check, _inputs
-from tiny_models import TOL, forward_backward, gemma2, left_padded_prompts, padded_batch
+from tiny_models import (
+    assert_step_matches,
+    gemma2,
+    greedy_against_eager,
+    left_padded_prompts,
+    padded_batch,
+    step_against_eager,
+)
 
 from hf_flashattn import flash_attn, integration
 from hf_flashattn.integration import ATTN_IMPLEMENTATION as IMPL
@@ -65,26 +72,17 @@ def test_gemma2_padded_batch_matches_eager(device, kernel_calls):
     full one) on padded rows: logits, loss and every gradient as eager's, no fallback."""
     model = gemma2(device)
     ids, mask, labels = padded_batch(device)
-    ref_logits, ref_loss, ref_grads = forward_backward(model, ids, mask, labels)
-    model.set_attn_implementation(IMPL)
-    logits, loss, grads = forward_backward(model, ids, mask, labels)
+    ours, ref = step_against_eager(model, IMPL, ids, mask, labels)
 
     assert len(kernel_calls) == model.config.num_hidden_layers
     assert all(c["softcap"] == model.config.attn_logit_softcapping for c in kernel_calls)
-    real = mask.bool()
-    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    assert_step_matches(ours, ref, mask)
 
 
 def test_gemma2_greedy_generate_left_padded_matches_eager(device, kernel_calls):
     model = gemma2(device)
     ids, mask = left_padded_prompts(device)
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
-    ref = model.generate(ids, **kwargs)
-    model.set_attn_implementation(IMPL)
-    out = model.generate(ids, **kwargs)
+    out, ref = greedy_against_eager(model, IMPL, ids, mask)
 
     assert len(kernel_calls) == 4 * model.config.num_hidden_layers
     assert torch.equal(out, ref)

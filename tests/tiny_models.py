@@ -222,6 +222,35 @@ def forward_backward(model, ids, mask, labels):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def step_against_eager(model, impl: str, ids, mask, labels):
+    """``forward_backward`` with the model's attention as built (eager), then with ``impl``
+    set: (ours, reference), each (logits, loss, grads)."""
+    ref = forward_backward(model, ids, mask, labels)
+    model.set_attn_implementation(impl)
+    return forward_backward(model, ids, mask, labels), ref
+
+
+def assert_step_matches(ours, ref, mask) -> None:
+    """Logits at the real tokens (a padded query's row differs by design: eager's is uniform,
+    the kernels' zeros), loss, and every gradient, the same parameters having one, to TOL."""
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = ours, ref
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def greedy_against_eager(model, impl: str, ids, mask, **kwargs):
+    """Greedy ``generate`` of 4 new tokens with the model's attention as built (eager), then
+    with ``impl`` set: (ours, reference). ``kwargs`` go to both calls."""
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, **kwargs)
+    ref = model.generate(ids, **kwargs)
+    model.set_attn_implementation(impl)
+    return model.generate(ids, **kwargs), ref
+
+
 # Model-level rule for low-precision runs (test_integration_gpu.py explains it): at most twice the
 # error of each torch attention in the same precision, plus this times max|reference|.
 FLOOR = 1e-3
