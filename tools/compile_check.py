@@ -50,7 +50,7 @@ def _kernels():
 
 def _signature(kernel, element: str, constexprs: dict) -> dict:
     """Each argument's Triton type, from its name (the kernels name them consistently)."""
-    floats = {"qk_scale", "sm_scale", "dropout_p"}
+    floats = {"qk_scale", "sm_scale", "dropout_p", "softcap"}
     pointers = {
         "KPM": "*i1",
         "Seg": "*i32",
@@ -189,6 +189,7 @@ def specialisations() -> list[tuple]:
                 HAS_KPM=kpm,
                 KV_ALIGNED=aligned,
                 HAS_WINDOW=causal,  # a sliding window is causal
+                HAS_SOFTCAP=causal,  # Gemma 2's decoding: causal, windowed and capped
             )
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             label = f"decode {dtype} D{head_dim} rows={rows} causal={causal} kpm={kpm}"
