@@ -908,7 +908,7 @@ def test_custom_op_matches_eager_path(device, case):
     softcap = 2.0 if case == "softcap" else 0.0
     args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None, window, softcap)
     out, lse = op._fwd_op(*args)
-    out_e, lse_e = op._FlashAttn.apply(*args)
+    out_e, lse_e = op._FlashAttn.apply(False, *args)  # False: out as bhsd
     assert torch.equal(out, out_e) and torch.equal(lse, lse_e)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
