@@ -116,22 +116,12 @@ _GPT_OSS = dict(
 
 # Gemma 2: attention logits soft-capped (softcap * tanh(s / softcap)), alternating sliding-window
 # and full layers. A cap of 2, not Gemma's 50: the random model's scores must reach it.
-_GEMMA2 = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+_GEMMA2 = _DECODER | dict(
     head_dim=16,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
     sliding_window=4,
     attn_logit_softcapping=2.0,
     query_pre_attn_scalar=4,  # scale 0.5: larger scores than head_dim's 0.25
     initializer_range=0.1,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
 )
 
 
