@@ -66,7 +66,8 @@ def test_split_kv_matches_reference(
     _check(device, torch.float16, q, k, v, causal=causal)
     blocks = -(-333 // decode_config(64, heads_q // heads_kv * seqlen_q, INTERPRETING).block_n)
     assert split_calls == [1 if programs == 1 else blocks]
-    assert merges == split_calls  # one merge per forward, of as many slices
+    # one merge per forward of several slices; one slice writes the output itself
+    assert merges == [n for n in split_calls if n > 1]
 
 
 def test_split_kv_padding(device, splits, split_calls):
