@@ -126,7 +126,7 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
     return launcher
 
 
-def _decode_launcher(key: tuple) -> _Launcher:
+def _decode_launcher(key: tuple, max_registers: int | None = None) -> _Launcher:
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
         dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, softcap, one_slice = key
@@ -137,8 +137,9 @@ def _decode_launcher(key: tuple) -> _Launcher:
         constexprs.update(KV_ALIGNED=kv_aligned, HAS_WINDOW=window, HAS_SOFTCAP=softcap)
         constexprs.update(ONE_SLICE=one_slice)
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
-            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
-        )
+            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING,
+            max_registers=max_registers,
+        )  # fmt: skip
     return launcher
 
 
@@ -382,7 +383,11 @@ def _split_kv_forward(
     target = _target_programs(q.device, programs, split.per_sm)
     n_splits, split_len = _decode_splits(programs, seqlen_k, split.cfg.block_n, target)
     if n_splits == 1:  # the slice is the whole: no partials, no merge
-        _decode_launcher(key + (True,))(
+        # held to the partials binary's registers, whose residency sized the grid: left to
+        # itself ptxas gave it 143 where that one has 128 (4 query rows, Triton 3.6, sm_90),
+        # 3 programs an SM instead of 4, and 512 programs took two waves (0.81x sdpa's time
+        # against 0.99x; capped: no spills)
+        _decode_launcher(key + (True,), split.registers)(
             1,
             programs,
             (q, k, v, lse, kpm, *outputs),

@@ -877,8 +877,29 @@ def test_programs_per_sm_read_off_the_binary(monkeypatch):
         assert launcher.programs_per_sm((x,), (0.5,), (40,)) == resident
         assert launcher.programs_per_sm((x,), (0.5,), (40,)) == resident
         assert kernel.slow == [("warmup", (x, 0.5, 40))] and kernel.direct == []
+        assert launcher.registers == (binary.n_regs or None)
     interpreted = launch._Launcher(Kernel(), launcher.cfg, "block_m", {}, direct=False)
     assert interpreted.programs_per_sm((x,), (0.5,), (40,)) is None
+
+
+def test_register_cap_reaches_the_compiler():
+    """A launcher given ``max_registers`` compiles with ptxas' ``maxnreg`` (the residency that
+    sized a grid holds); one without leaves the count to the compiler."""
+    from hf_flashattn import launch
+    from hf_flashattn.kernels.configs import KernelConfig
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(meta.get("maxnreg"))
+
+    cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+    launch._Launcher(Kernel(), cfg, "block_m", {}, direct=False, max_registers=128)(
+        10, 1, (), (), ()
+    )
+    launch._Launcher(Kernel(), cfg, "block_m", {}, direct=False)(10, 1, (), (), ())
+    assert launched == [128, None]
 
 
 def test_eager_calls_skip_the_custom_op(device, monkeypatch):
