@@ -105,7 +105,7 @@ class _Launcher:
 
     __slots__ = (
         "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail",
-        "binaries", "free_ints", "per_sm",
+        "binaries", "free_ints", "per_sm", "registers", "max_registers",
     )  # fmt: skip
 
     def __init__(
@@ -116,8 +116,11 @@ class _Launcher:
         constexprs: dict,
         direct: bool = True,
         paired: bool = False,
+        max_registers: int | None = None,
     ) -> None:
         self.kernel = kernel
+        # a cap on the registers per thread (ptxas' maxnreg), None: the compiler's choice
+        self.max_registers = max_registers
         # the block that tiles the rows: "block_m" (queries), "block_n" (keys, dK/dV), or None
         # (the rows are the programs: one per split, one per query)
         self.grid_block = grid_block
@@ -140,11 +143,15 @@ class _Launcher:
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+        if self.max_registers:
+            self.kwargs["maxnreg"] = self.max_registers
         if self.binaries is not None:
             self.binaries.clear()
         self.tail = self._constexpr_tail()
-        # programs_per_sm's answer: None until asked, 0 where there is none to read
+        # programs_per_sm's answer: None until asked, 0 where there is none to read; and the
+        # registers per thread of the binary it read (None where not known)
         self.per_sm: int | None = None
+        self.registers: int | None = None
 
     def _constexpr_tail(self) -> tuple | None:
         """The constexpr values in signature order, which the compiled launcher takes after the
@@ -184,6 +191,7 @@ class _Launcher:
                 except OutOfResources as err:
                     self._step_down(err)
             self.per_sm = _resident_programs(compiled, tensors[0].get_device()) or 0
+            self.registers = getattr(compiled, "n_regs", None) or None
         return self.per_sm or None
 
     def __call__(self, rows: int, heads: int, tensors: tuple, floats: tuple, ints: tuple):

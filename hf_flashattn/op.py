@@ -126,18 +126,20 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
     return launcher
 
 
-def _decode_launcher(key: tuple) -> _Launcher:
+def _decode_launcher(key: tuple, max_registers: int | None = None) -> _Launcher:
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, softcap = key
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, softcap, one_slice = key
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
         constexprs.update(KV_ALIGNED=kv_aligned, HAS_WINDOW=window, HAS_SOFTCAP=softcap)
+        constexprs.update(ONE_SLICE=one_slice)
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
-            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
-        )
+            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING,
+            max_registers=max_registers,
+        )  # fmt: skip
     return launcher
 
 
@@ -361,31 +363,47 @@ def _split_kv_forward(
     kv_aligned = not (kb | kh | vb | vh) & 15  # batch and head strides all divisible by 16
     if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
         kb, kh, vb, vh = kb >> 4, kh >> 4, vb >> 4, vh >> 4
-    split = _decode_launcher(
-        (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned, window > 0)
-        + (softcap > 0.0,)
-    )
+    key = (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned, window > 0)
+    key += (softcap > 0.0,)
+    split = _decode_launcher(key + (False,))
     programs = batch * heads_kv
     lengths = (kpm.stride(0) if has_kpm else 0, heads_kv, seqlen_q, seqlen_k)
     strides = (*q.stride(), kb, kh, kn, kd, vb, vh, vn, vd, *lengths)
+    floats = (scale * _LOG2E, softcap)
+    # out and lse, where the one-slice (ONE_SLICE) binary writes them; the partials' binary never
+    # touches them (nor the one-slice one the partials: lse stands in for them)
+    outputs, out_strides = (out, lse), out.stride()
     if split.per_sm is None:
         # asked once per binary, so its arguments are built only then: compiled, not launched
         # (the slice counts are unspecialised ints, so any compiles it; lse stands in for the
         # float32 partials, not allocated yet)
         split.programs_per_sm(
-            (q, k, v, lse, kpm), (scale * _LOG2E, softcap), (*strides, 1, 1, 1, window, shift)
+            (q, k, v, lse, kpm, *outputs), floats, (*strides, 1, 1, 1, window, shift, *out_strides)
         )
     target = _target_programs(q.device, programs, split.per_sm)
     n_splits, split_len = _decode_splits(programs, seqlen_k, split.cfg.block_n, target)
+    if n_splits == 1:  # the slice is the whole: no partials, no merge
+        # held to the partials binary's registers, whose residency sized the grid: left to
+        # itself ptxas gave it 143 where that one has 128 (4 query rows, Triton 3.6, sm_90),
+        # 3 programs an SM instead of 4, and 512 programs took two waves (0.81x sdpa's time
+        # against 0.99x; capped: no spills)
+        _decode_launcher(key + (True,), split.registers)(
+            1,
+            programs,
+            (q, k, v, lse, kpm, *outputs),
+            floats,
+            (*strides, split_len, 1, 0, window, shift, *out_strides),
+        )
+        return
     # n_parts partial rows of head_dim floats, then their n_parts log2-sum-exps
     n_parts = batch * heads_q * n_splits * seqlen_q
     parts = torch.empty(n_parts * (head_dim + 1), dtype=torch.float32, device=q.device)
     split(
         n_splits,
         programs,
-        (q, k, v, parts, kpm),
-        (scale * _LOG2E, softcap),
-        (*strides, split_len, n_splits, n_parts, window, shift),
+        (q, k, v, parts, kpm, *outputs),
+        floats,
+        (*strides, split_len, n_splits, n_parts, window, shift, *out_strides),
     )
     _combine_launcher(head_dim, n_splits)(
         seqlen_q,

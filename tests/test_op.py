@@ -230,16 +230,20 @@ def test_scale(device, scale):
     _check(device, torch.float16, q, k, v, causal=False, scale=scale, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("case", ["ragged", "padded queries", "packed", "decode slices", "dropout"])
+@pytest.mark.parametrize(
+    "case", ["ragged", "padded queries", "packed", "decode slices", "decode one slice", "dropout"]
+)
 def test_every_output_written(device, case, poisoned_allocations, monkeypatch):
     """Every allocation arrives full of NaN (the fixture): outputs, lse and gradients must be
     written in full by each path: ragged blocks and a head dim in two chunks, padded query rows
-    (zeros, never computed), packed sequences, decoding's slices and their merge (rows with no
-    key to attend among them), dropout's three passes."""
+    (zeros, never computed), packed sequences, decoding's slices and their merge, or its one
+    slice written without a merge (rows with no key to attend among them), dropout's three
+    passes."""
     kw = dict(causal=True)
-    if case == "decode slices":
-        # a slice per key block
-        monkeypatch.setattr(op, "_target_programs", lambda device, n, per_sm: 1000)
+    if case.startswith("decode"):
+        # a slice per key block, or one slice
+        programs = 1 if case == "decode one slice" else 1000
+        monkeypatch.setattr(op, "_target_programs", lambda device, n, per_sm: programs)
         q, k, v = _inputs(device, torch.float16, 3, 8, 2, 2, 300, 64)
         keys = torch.arange(300)
         mask = torch.stack([keys >= 250, keys == 7, torch.zeros(300, dtype=torch.bool)])
@@ -873,8 +877,29 @@ def test_programs_per_sm_read_off_the_binary(monkeypatch):
         assert launcher.programs_per_sm((x,), (0.5,), (40,)) == resident
         assert launcher.programs_per_sm((x,), (0.5,), (40,)) == resident
         assert kernel.slow == [("warmup", (x, 0.5, 40))] and kernel.direct == []
+        assert launcher.registers == (binary.n_regs or None)
     interpreted = launch._Launcher(Kernel(), launcher.cfg, "block_m", {}, direct=False)
     assert interpreted.programs_per_sm((x,), (0.5,), (40,)) is None
+
+
+def test_register_cap_reaches_the_compiler():
+    """A launcher given ``max_registers`` compiles with ptxas' ``maxnreg`` (the residency that
+    sized a grid holds); one without leaves the count to the compiler."""
+    from hf_flashattn import launch
+    from hf_flashattn.kernels.configs import KernelConfig
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(meta.get("maxnreg"))
+
+    cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+    launch._Launcher(Kernel(), cfg, "block_m", {}, direct=False, max_registers=128)(
+        10, 1, (), (), ()
+    )
+    launch._Launcher(Kernel(), cfg, "block_m", {}, direct=False)(10, 1, (), (), ())
+    assert launched == [128, None]
 
 
 def test_eager_calls_skip_the_custom_op(device, monkeypatch):

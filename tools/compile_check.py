@@ -179,7 +179,11 @@ def specialisations() -> list[tuple]:
                     label = f"{short}{which} {dtype} D{head_dim} {label}"
                     out.append((name, label, element, {**base, **chosen}, run))
         most = configs.max_decode_rows(head_dim)
-        for rows, causal, kpm, aligned in ((16, False, False, True), (most, True, True, False)):
+        # (one_slice: the binary that writes the output itself where the keys are one slice)
+        for rows, causal, kpm, aligned, one_slice in (
+            (16, False, False, True, True),
+            (most, True, True, False, False),
+        ):
             cfg = configs.decode_config(head_dim, rows, False)
             decode = dict(
                 common,
@@ -190,10 +194,11 @@ def specialisations() -> list[tuple]:
                 KV_ALIGNED=aligned,
                 HAS_WINDOW=causal,  # a sliding window is causal
                 HAS_SOFTCAP=causal,  # Gemma 2's decoding: causal, windowed and capped
+                ONE_SLICE=one_slice,
             )
             run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             label = f"decode {dtype} D{head_dim} rows={rows} causal={causal} kpm={kpm}"
-            label += f" aligned={aligned}"
+            label += f" aligned={aligned} one_slice={one_slice}"
             out.append(("attn_decode_split_kernel", label, element, decode, run))
         combine = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), BLOCK_S=8)
         out.append(

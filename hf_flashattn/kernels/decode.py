@@ -6,7 +6,8 @@ of the GPU and loads each K/V block once per query head of a GQA group. Here one
 one (batch, K/V head) and one slice of the keys, with every query row of the group packed into
 the rows of one tile (row r: query head ``r // seqlen_q`` of the group, query ``r % seqlen_q``),
 so each K/V block is loaded once for the whole group. Each program writes its slice's output,
-normalised, and its log-sum-exp; the combine kernel merges the slices exactly through them.
+normalised, and its log-sum-exp; the combine kernel merges the slices exactly through them. With
+one slice (ONE_SLICE) the program writes the output and log-sum-exp itself, and nothing merges.
 Masks as in the main forward: key padding, bottom-right causal alignment, the sequence end.
 """
 
@@ -33,6 +34,8 @@ def attn_decode_split_kernel(
     V,
     Parts,
     KPM,
+    Out,
+    LSE,
     qk_scale,
     softcap,
     stride_qb,
@@ -56,6 +59,10 @@ def attn_decode_split_kernel(
     n_parts,
     window,
     shift,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -68,6 +75,7 @@ def attn_decode_split_kernel(
     KV_ALIGNED: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    ONE_SLICE: tl.constexpr,
 ):
     if KV_ALIGNED:
         stride_kb = stride_kb * 16
@@ -150,15 +158,30 @@ def attn_decode_split_kernel(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    # partials: (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats, then their
-    # log2-sum-exps (one buffer: one allocation per call, host time in decoding)
-    part = ((b * num_heads_kv * GROUP + head) * n_splits + split) * seqlen_q + qi
-    tl.store(Parts + n_parts.to(tl.int64) * HEAD_DIM + part, lse2, mask=row_ok)
-    tl.store(
-        Parts + part[:, None] * HEAD_DIM + offs_d[None, :],
-        acc,
-        mask=row_ok[:, None] & d_mask[None, :],
-    )
+    if ONE_SLICE:
+        # one slice (n_splits 1): its output is the attention's, stored as the combine kernel
+        # stores it, and no merge runs
+        row = (b * num_heads_kv * GROUP + head) * seqlen_q + qi
+        tl.store(LSE + row, lse2 * 0.6931471805599453, mask=row_ok)  # natural log
+        tl.store(
+            Out
+            + b * stride_ob
+            + head[:, None] * stride_oh
+            + qi[:, None].to(tl.int64) * stride_om
+            + offs_d[None, :] * stride_od,
+            acc.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & d_mask[None, :],
+        )
+    else:
+        # partials: (batch, heads_q, n_splits, seqlen_q) rows of HEAD_DIM floats, then their
+        # log2-sum-exps (one buffer: one allocation per call, host time in decoding)
+        part = ((b * num_heads_kv * GROUP + head) * n_splits + split) * seqlen_q + qi
+        tl.store(Parts + n_parts.to(tl.int64) * HEAD_DIM + part, lse2, mask=row_ok)
+        tl.store(
+            Parts + part[:, None] * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=row_ok[:, None] & d_mask[None, :],
+        )
 
 
 @triton.jit(do_not_specialize=["n_splits", "n_parts"])
