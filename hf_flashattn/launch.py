@@ -105,7 +105,7 @@ class _Launcher:
 
     __slots__ = (
         "kernel", "grid_block", "paired", "cfg", "block", "constexprs", "kwargs", "tail",
-        "binaries", "free_ints", "per_sm", "registers", "max_registers",
+        "binaries", "free_ints", "per_sm", "registers",
     )  # fmt: skip
 
     def __init__(
@@ -116,11 +116,8 @@ class _Launcher:
         constexprs: dict,
         direct: bool = True,
         paired: bool = False,
-        max_registers: int | None = None,
     ) -> None:
         self.kernel = kernel
-        # a cap on the registers per thread (ptxas' maxnreg), None: the compiler's choice
-        self.max_registers = max_registers
         # the block that tiles the rows: "block_m" (queries), "block_n" (keys, dK/dV), or None
         # (the rows are the programs: one per split, one per query)
         self.grid_block = grid_block
@@ -143,8 +140,8 @@ class _Launcher:
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        if self.max_registers:
-            self.kwargs["maxnreg"] = self.max_registers
+        if cfg.max_registers:
+            self.kwargs["maxnreg"] = cfg.max_registers
         if self.binaries is not None:
             self.binaries.clear()
         self.tail = self._constexpr_tail()

@@ -127,19 +127,22 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
 
 
 def _decode_launcher(key: tuple, max_registers: int | None = None) -> _Launcher:
+    """The split-KV kernel's launcher for ``key``; ``max_registers`` caps the registers of the
+    binary where the config does not (the first call of a key decides)."""
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
         dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, softcap, one_slice = key
         cfg = decode_config(head_dim, rows, INTERPRETING)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
+        if max_registers and not cfg.max_registers:
+            cfg = replace(cfg, max_registers=max_registers)
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
         constexprs.update(KV_ALIGNED=kv_aligned, HAS_WINDOW=window, HAS_SOFTCAP=softcap)
         constexprs.update(ONE_SLICE=one_slice)
         launcher = _LAUNCHERS[("decode", key)] = _Launcher(
-            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING,
-            max_registers=max_registers,
-        )  # fmt: skip
+            attn_decode_split_kernel, cfg, None, constexprs, direct=not INTERPRETING
+        )
     return launcher
 
 

@@ -174,7 +174,9 @@ def test_one_slice_binary_is_held_to_the_partials_registers(device, splits, monk
     _check(device, torch.float16, q, k, v, causal=False)
     # the decode launchers' keys end in ONE_SLICE
     caps = {
-        key[1][-1]: got.max_registers for key, got in op._LAUNCHERS.items() if key[0] == "decode"
+        key[1][-1]: got.cfg.max_registers
+        for key, got in op._LAUNCHERS.items()
+        if key[0] == "decode"
     }
     assert caps == {False: None, True: 128}
 

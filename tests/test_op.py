@@ -883,8 +883,10 @@ def test_programs_per_sm_read_off_the_binary(monkeypatch):
 
 
 def test_register_cap_reaches_the_compiler():
-    """A launcher given ``max_registers`` compiles with ptxas' ``maxnreg`` (the residency that
-    sized a grid holds); one without leaves the count to the compiler."""
+    """A config's ``max_registers`` compiles with ptxas' ``maxnreg`` (the residency that sized
+    a grid holds); without one the count is left to the compiler."""
+    from dataclasses import replace
+
     from hf_flashattn import launch
     from hf_flashattn.kernels.configs import KernelConfig
 
@@ -895,10 +897,9 @@ def test_register_cap_reaches_the_compiler():
             return lambda *args, **meta: launched.append(meta.get("maxnreg"))
 
     cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
-    launch._Launcher(Kernel(), cfg, "block_m", {}, direct=False, max_registers=128)(
-        10, 1, (), (), ()
-    )
-    launch._Launcher(Kernel(), cfg, "block_m", {}, direct=False)(10, 1, (), (), ())
+    for cap in (128, None):
+        capped = replace(cfg, max_registers=cap)
+        launch._Launcher(Kernel(), capped, "block_m", {}, direct=False)(10, 1, (), (), ())
     assert launched == [128, None]
 
 

@@ -99,6 +99,15 @@ def config_table(short: str):
     return getattr(importlib.import_module("hfk.configs"), ATTENTION_KERNELS[short][1])
 
 
+def launch_options(cfg) -> dict:
+    """The compile options a launch with ``cfg`` passes (op's launchers: warps, stages and a
+    register cap where the config has one)."""
+    run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.max_registers:
+        run["maxnreg"] = cfg.max_registers
+    return run
+
+
 def common_constexprs(dtype: str, head_dim: int) -> dict:
     """What every kernel of one dtype and head_dim specialises on (``op._constexprs``, inputs
     kept in their dtype: no interpreter upcast)."""
@@ -175,7 +184,7 @@ def specialisations() -> list[tuple]:
                     (f"{c}={n}", dict(off, **{c: n})) for c in counts for n in COUNTS[c][1:]
                 ]
                 for label, chosen in choices:
-                    run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    run = launch_options(cfg)
                     label = f"{short}{which} {dtype} D{head_dim} {label}"
                     out.append((name, label, element, {**base, **chosen}, run))
         most = configs.max_decode_rows(head_dim)
@@ -196,7 +205,7 @@ def specialisations() -> list[tuple]:
                 HAS_SOFTCAP=causal,  # Gemma 2's decoding: causal, windowed and capped
                 ONE_SLICE=one_slice,
             )
-            run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            run = launch_options(cfg)
             label = f"decode {dtype} D{head_dim} rows={rows} causal={causal} kpm={kpm}"
             label += f" aligned={aligned} one_slice={one_slice}"
             out.append(("attn_decode_split_kernel", label, element, decode, run))

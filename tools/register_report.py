@@ -59,7 +59,7 @@ def jobs(only: str) -> list[tuple]:
         constexprs.update({flag: chosen.get(flag, ALWAYS_ON.get(flag, False)) for flag in flags})
         label = f"{short} {element} D{head_dim} {feature} ({_config_label(cfg)})"
         if only in label:
-            run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            run = compile_check.launch_options(cfg)
             out.append((name, label, element, constexprs, run))
     return out
 

@@ -22,6 +22,9 @@ class KernelConfig:
     # the dK/dV pass only: dV and dK in two launches, one float32 accumulator each (bwd.py's
     # GRADS), where holding both spills
     split_grads: bool = False
+    # registers per thread the compiler may use (ptxas' maxnreg), None: its own choice. A cap
+    # decides how many programs an SM holds, which the split-KV grid is sized by
+    max_registers: int | None = None
 
     def smaller(self) -> "KernelConfig | None":
         """The next config down in shared memory: fewer pipeline stages, then smaller blocks.
