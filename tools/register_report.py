@@ -123,16 +123,19 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--config",
         default="",
-        help="BLOCK_M,BLOCK_N,WARPS,STAGES: compile every selected kernel with this config instead",
+        help="BLOCK_M,BLOCK_N,WARPS,STAGES[,MAX_REGISTERS]: compile every selected kernel with "
+        "this config instead",
     )
     args = parser.parse_args(argv)
     todo = jobs(args.only)
     if args.config:
-        block_m, block_n, warps, stages = (int(x) for x in args.config.split(","))
+        block_m, block_n, warps, stages, *cap = (int(x) for x in args.config.split(","))
+        config = sys.modules["hfk.configs"].KernelConfig  # loaded by jobs()
+        forced = config(block_m, block_n, warps, stages, max_registers=cap[0] if cap else None)
         todo = [
             (name, label.split(" (")[0] + f" (forced {args.config})", element,
              dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
-             dict(num_warps=warps, num_stages=stages))
+             compile_check.launch_options(forced))
             for name, label, element, constexprs, run in todo
         ]  # fmt: skip
     with ProcessPoolExecutor(args.jobs) as pool:
