@@ -32,7 +32,7 @@ import torch
 from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
 
-from .kernels.configs import KernelConfig
+from .kernels.configs import KernelConfig, resident_programs
 
 try:  # where Triton keeps its launch hooks (3.4+)
     from triton import knobs as _knobs
@@ -72,23 +72,19 @@ def _stream_getter():
 
 
 def _resident_programs(compiled, device_index: int) -> int | None:
-    """Programs of a compiled binary that one SM of the device holds at once: the least of
-    what its registers (allocated per warp in 256s), shared memory (plus the 1 KB the runtime
-    reserves per block) and threads allow. None where the binary does not say its registers."""
+    """Programs of a compiled binary that one SM of the device holds at once
+    (``configs.resident_programs``). None where the binary does not say its registers."""
     n_regs = getattr(compiled, "n_regs", None)
     if not n_regs:
         return None
     props = torch.cuda.get_device_properties(device_index)
-    warps = compiled.metadata.num_warps
-    regs = -(-n_regs * 32 // 256) * 256 * warps
-    shared = compiled.metadata.shared + 1024
-    return max(
-        1,
-        min(
-            props.regs_per_multiprocessor // regs,
-            props.shared_memory_per_multiprocessor // shared,
-            props.max_threads_per_multi_processor // (32 * warps),
-        ),
+    return resident_programs(
+        n_regs,
+        compiled.metadata.shared,
+        compiled.metadata.num_warps,
+        props.regs_per_multiprocessor,
+        props.shared_memory_per_multiprocessor,
+        props.max_threads_per_multi_processor,
     )
 
 

@@ -5,16 +5,20 @@ key loop); ptxas says how much at compile time, so this needs no GPU. Each kerne
 with the GPU tables' config (or ``--config``) and the specialisation a launch gets there
 (contiguous last dimensions, strides and pointers divisible by 16: ``as_launched``; without it
 the counts are several times too high), and its resource use read from ``ptxas -v``, as Triton
-runs it.
+runs it, with how many programs of it one SM holds (sm_90 and sm_80; op sizes the split-KV grid
+by that).
 
     make register-report                                            # the GPU's Triton
     .venv-gpu-triton/bin/python tools/register_report.py --only dq  # labels containing "dq"
     .venv-gpu-triton/bin/python tools/register_report.py --only "dkdv bf16 D64" --config 32,128,8,2
+    # the fifth number caps the registers (ptxas' maxnreg, KernelConfig.max_registers)
+    .venv-gpu-triton/bin/python tools/register_report.py --only "fwd bf16 D128" --config 128,64,8,2,128
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import re
@@ -38,6 +42,8 @@ ALWAYS_ON = {"SCALE_POSITIVE": True}
 SHAPES = tuple(("bfloat16", "bf16", head_dim) for head_dim in (64, 96, 128, 256))
 _INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
+# per SM: registers, shared memory bytes, threads (sm_90: H100 / H200; sm_80: A100)
+SM_LIMITS = {90: (65536, 233472, 2048), 80: (65536, 167936, 2048)}
 
 
 def _config_label(cfg) -> str:
@@ -109,10 +115,17 @@ def report_one(job: tuple, arch: int) -> str:
     regs, spills = _REGS.search(result.stderr), _INFO.search(result.stderr)
     if not (regs and spills):
         return f"{label}: ptxas said {result.stderr[-500:]}"
-    return (
+    line = (
         f"{label}: {regs[1]} registers, spills {spills[2]} B stored / {spills[3]} B loaded, "
         f"shared {compiled.metadata.shared} B"
     )
+    if arch in SM_LIMITS:  # what sizes the split-KV grid, and what two programs an SM need
+        configs = importlib.import_module("hfk.configs")  # loaded by compile_check.kernel
+        per_sm = configs.resident_programs(
+            int(regs[1]), compiled.metadata.shared, run["num_warps"], *SM_LIMITS[arch]
+        )
+        line += f", {per_sm} an SM"
+    return line
 
 
 def main(argv=None) -> int:

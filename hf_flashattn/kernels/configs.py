@@ -39,6 +39,24 @@ class KernelConfig:
         return None
 
 
+def resident_programs(
+    registers: int,
+    shared: int,
+    warps: int,
+    regs_per_sm: int,
+    shared_per_sm: int,
+    threads_per_sm: int,
+) -> int:
+    """Programs of a binary (``registers`` per thread, ``shared`` bytes, ``warps``) that one SM
+    holds at once: the least of what its registers (allocated per warp in 256s), shared memory
+    (plus the 1 KB the runtime reserves per block) and threads allow; at least 1."""
+    regs = -(-registers * 32 // 256) * 256 * warps
+    return max(
+        1,
+        min(regs_per_sm // regs, shared_per_sm // (shared + 1024), threads_per_sm // (32 * warps)),
+    )
+
+
 def block_d(head_dim: int) -> int:
     # tl.dot needs every dimension >= 16 and tl.arange a power of two; extra lanes are masked
     return max(16, triton.next_power_of_2(head_dim))
