@@ -12,7 +12,7 @@ by that).
     .venv-gpu-triton/bin/python tools/register_report.py --only dq  # labels containing "dq"
     .venv-gpu-triton/bin/python tools/register_report.py --only "dkdv bf16 D64" --config 32,128,8,2
     # the fifth number caps the registers (ptxas' maxnreg, KernelConfig.max_registers)
-    .venv-gpu-triton/bin/python tools/register_report.py --only "fwd bf16 D128" --config 128,64,8,2,128
+    .venv-gpu-triton/bin/python tools/register_report.py --only "fwd bf16" --config 128,64,8,2,96
 """
 
 from __future__ import annotations
