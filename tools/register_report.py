@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     todo = jobs(args.only)
     if args.config:
         block_m, block_n, warps, stages, *cap = (int(x) for x in args.config.split(","))
-        config = sys.modules["hfk.configs"].KernelConfig  # loaded by jobs()
+        config = importlib.import_module("hfk.configs").KernelConfig  # loaded by jobs()
         forced = config(block_m, block_n, warps, stages, max_registers=cap[0] if cap else None)
         todo = [
             (name, label.split(" (")[0] + f" (forced {args.config})", element,
