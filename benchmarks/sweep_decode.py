@@ -6,6 +6,7 @@ GPU.
 
     python benchmarks/sweep_decode.py --out sweep_decode.json
     python benchmarks/sweep_decode.py --shapes b1/k32768/g1 b16/k4096/g4
+    python benchmarks/sweep_decode.py --configs 64x4w2s 128x8w3s --targets resident --queries 1 4
 
 The table's entry at the op's own split target (op._target_programs) is marked ``*``.
 Pick from the JSON, then confirm with bench_decode.py.
@@ -14,6 +15,8 @@ Pick from the JSON, then confirm with bench_decode.py.
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import sys
 from dataclasses import replace
 from functools import partial
@@ -50,22 +53,33 @@ def parse_shape(case: str) -> tuple[int, int, int]:
     return batch, keys, group
 
 
-def sweep_shape(case: str, attn, sdpa) -> dict:
+def parse_config(label: str) -> KernelConfig:
+    """``<key step>x<warps>w<stages>s[r<register cap>]``, as the sweep labels its candidates."""
+    match = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(?:r(\d+))?", label)
+    if match is None:
+        raise ValueError(f"--configs: {label!r} is not <key step>x<warps>w<stages>s[r<cap>]")
+    step, warps, stages, cap = match.groups()
+    return C(16, int(step), int(warps), int(stages), max_registers=int(cap) if cap else None)
+
+
+def sweep_shape(case: str, attn, sdpa, candidates, targets, seq_q: int = 1) -> dict:
     batch, seq_k, group = parse_shape(case)
     dtype = torch.bfloat16
-    q = torch.randn(batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=dtype).transpose(1, 2)
+    q = torch.randn(batch, seq_q, HEADS_Q, HEAD_DIM, device="cuda", dtype=dtype).transpose(1, 2)
     heads_kv = HEADS_Q // group
     k, v = (torch.randn(batch, heads_kv, seq_k, HEAD_DIM, device="cuda", dtype=dtype) for _ in "kv")
     module = b.AttentionModule(b.Layer(batch, HEADS_Q, heads_kv, seq_k, HEAD_DIM)).eval()
     module.is_causal = False  # one query sees every key (as bench_decode.py)
     kw = dict(attention_mask=None, scaling=HEAD_DIM**-0.5, dropout=0.0)
-    table = configs.decode_config(HEAD_DIM, group, False)
+    sm_count = op._sm_count(q.device.index)
+    rows, programs = group * seq_q, batch * heads_kv
+    deep = configs.deep_decode(HEAD_DIM, rows, seq_k, programs, sm_count)
+    table = configs.decode_config(HEAD_DIM, rows, False, deep)
     out = {"sdpa_ms": kernel_ms(partial(sdpa, module, q, k, v, **kw)), "ours": {}}
     reference = sdpa(module, q, k, v, **kw)[0].float()
-    sm_count = op._sm_count(q.device.index)
     target = op._target_programs
-    for cfg in CANDIDATES:
-        for per_sm in (None, *PER_SM):  # None: the op's own target (the binary's residency)
+    for cfg in candidates:
+        for per_sm in targets:  # None: the op's own target (the binary's residency)
             table_cfg = replace(cfg, block_m=table.block_m, fixed_m=table.fixed_m) == table
             mark = "*" if per_sm is None and table_cfg else ""
             cap = f"r{cfg.max_registers}" if cfg.max_registers else ""
@@ -91,23 +105,42 @@ def table_ratios(results: dict) -> dict:
     for case, r in results.items():
         for label, t in r["ours"].items():
             if label.endswith("*") and "ms" in t:
-                ratios[f"decode/{case}/q1/fwd/kernel"] = r["sdpa_ms"] / t["ms"]
+                ratios[f"decode/{case}/fwd/kernel"] = r["sdpa_ms"] / t["ms"]
     return ratios
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="b<batch>/k<keys>/g<group>")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        type=parse_config,
+        default=CANDIDATES,
+        help="candidates as labelled, e.g. 64x4w2s 128x8w3s 64x4w2sr96 (default: all)",
+    )
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["resident", *PER_SM],
+        help="programs per SM the split aims at: resident (the op's own) or a number",
+    )
+    p.add_argument("--queries", nargs="+", type=int, default=[1], help="queries per sequence")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: none)")
     args = p.parse_args(argv)
+    targets = [None if t == "resident" else int(t) for t in args.targets]
     if not torch.cuda.is_available():
         print("sweep_decode needs a CUDA GPU", file=sys.stderr)
         return 2
     impls = b.implementations()
     data = {"kind": "sweep_decode", "environment": environment(), "results": {}}
     with torch.no_grad():
-        for case in args.shapes:
-            r = data["results"][case] = sweep_shape(case, impls["ours"], impls["sdpa"])
+        for shape, seq_q in itertools.product(args.shapes, args.queries):
+            batch, keys, group = shape.split("/")
+            case = f"{batch}/{keys}/q{seq_q}/{group}"
+            r = data["results"][case] = sweep_shape(
+                shape, impls["ours"], impls["sdpa"], args.configs, targets, seq_q
+            )
             timed = {k: t["ms"] for k, t in r["ours"].items() if "ms" in t}
             best = sorted(timed, key=timed.get)[:4]
             table = next((k for k in timed if k.endswith("*")), None)

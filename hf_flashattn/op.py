@@ -28,6 +28,7 @@ from .kernels.configs import (
     bwd_dkdv_config,
     bwd_dq_config,
     decode_config,
+    deep_decode,
     fwd_config,
     head_dim_constexprs,
     max_decode_rows,
@@ -131,8 +132,9 @@ def _decode_launcher(key: tuple, max_registers: int | None = None) -> _Launcher:
     binary where the config does not (the first call of a key decides)."""
     launcher = _LAUNCHERS.get(("decode", key))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, softcap, one_slice = key
-        cfg = decode_config(head_dim, rows, INTERPRETING)
+        dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window, *flags = key
+        softcap, deep, one_slice = flags
+        cfg = decode_config(head_dim, rows, INTERPRETING, deep)
         if "decode" in _FORCED:  # a forced key step; block_m stays the packed rows
             cfg = replace(_FORCED["decode"], block_m=cfg.block_m, fixed_m=True)
         if max_registers and not cfg.max_registers:
@@ -366,10 +368,11 @@ def _split_kv_forward(
     kv_aligned = not (kb | kh | vb | vh) & 15  # batch and head strides all divisible by 16
     if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
         kb, kh, vb, vh = kb >> 4, kh >> 4, vb >> 4, vh >> 4
-    key = (q.dtype, head_dim, group, causal, has_kpm, group * seqlen_q, kv_aligned, window > 0)
-    key += (softcap > 0.0,)
+    rows, programs = group * seqlen_q, batch * heads_kv
+    deep = q.is_cuda and deep_decode(head_dim, rows, seqlen_k, programs, _sm_count(q.device.index))
+    key = (q.dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window > 0)
+    key += (softcap > 0.0, deep)
     split = _decode_launcher(key + (False,))
-    programs = batch * heads_kv
     lengths = (kpm.stride(0) if has_kpm else 0, heads_kv, seqlen_q, seqlen_k)
     strides = (*q.stride(), kb, kh, kn, kd, vb, vh, vn, vd, *lengths)
     floats = (scale * _LOG2E, softcap)

@@ -127,14 +127,12 @@ def test_split_kv_equals_the_main_forward(device, monkeypatch):
     torch.testing.assert_close(split_lse, main_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("max_dim", [64, 128, 256])
-def test_split_kv_gpu_key_steps(device, max_dim, splits):
-    """The key steps the GPU table gives the split-KV kernel, forced through whichever backend
-    is here (on the CPU: the interpreter)."""
-    from hf_flashattn.kernels.configs import gpu_configs
-
+@pytest.mark.parametrize("max_dim, deep", [(64, False), (128, False), (256, False), (128, True)])
+def test_split_kv_gpu_key_steps(device, max_dim, deep, splits):
+    """The key steps the GPU table gives the split-KV kernel (``deep``: its deep-pipeline
+    entry), forced through whichever backend is here (on the CPU: the interpreter)."""
     splits(1000)
-    with op.forced_configs(decode=gpu_configs()[max_dim]["decode"]):
+    with op.forced_configs(decode=decode_config(max_dim, 16, False, deep)):
         q, k, v = _inputs(device, torch.float16, 1, 8, 2, 2, 150, min(max_dim, 96))
         _check(device, torch.float16, q, k, v, causal=True)
 
@@ -196,3 +194,16 @@ def test_split_count_fills_one_wave(monkeypatch):
     assert op._decode_splits(4, 4096, 64, 528) == (64, 64)  # a slice per key block at most
     assert op._decode_splits(600, 8192, 64, 528) == (1, 8192)  # past one wave: one slice
     assert op._decode_splits(32, 100, 64, 528) == (2, 64)  # the last slice ragged
+
+
+def test_deep_decode_rule():
+    """The deep-pipeline entry is taken only where all its conditions hold (configs.py says
+    what each was measured at)."""
+    from hf_flashattn.kernels.configs import deep_decode
+
+    assert deep_decode(128, 16, 16384, 264, 132)
+    assert not deep_decode(128, 16, 16385, 264, 132)  # a long cache
+    assert not deep_decode(128, 16, 4096, 265, 132)  # more than two programs an SM
+    assert not deep_decode(128, 32, 4096, 8, 132)  # past one 16-row tile
+    assert not deep_decode(256, 1, 4096, 8, 132)  # a head dim the entry does not cover
+    assert decode_config(128, 4, False, deep=True).block_n == 128

@@ -188,12 +188,14 @@ def specialisations() -> list[tuple]:
                     label = f"{short}{which} {dtype} D{head_dim} {label}"
                     out.append((name, label, element, {**base, **chosen}, run))
         most = configs.max_decode_rows(head_dim)
-        # (one_slice: the binary that writes the output itself where the keys are one slice)
-        for rows, causal, kpm, aligned, one_slice in (
-            (16, False, False, True, True),
-            (most, True, True, False, False),
+        # (one_slice: the binary that writes the output itself where the keys are one slice;
+        # deep: the deep-pipeline entry of few programs a slice, up to head dim 128)
+        for rows, causal, kpm, aligned, one_slice, deep in (
+            (16, False, False, True, True, False),
+            (16, True, True, True, False, head_dim <= 128),
+            (most, True, True, False, False, False),
         ):
-            cfg = configs.decode_config(head_dim, rows, False)
+            cfg = configs.decode_config(head_dim, rows, False, deep)
             decode = dict(
                 common,
                 BLOCK_M=cfg.block_m,
@@ -207,7 +209,7 @@ def specialisations() -> list[tuple]:
             )
             run = launch_options(cfg)
             label = f"decode {dtype} D{head_dim} rows={rows} causal={causal} kpm={kpm}"
-            label += f" aligned={aligned} one_slice={one_slice}"
+            label += f" aligned={aligned} one_slice={one_slice} deep={deep}"
             out.append(("attn_decode_split_kernel", label, element, decode, run))
         combine = dict(HEAD_DIM=head_dim, BLOCK_D=configs.block_d(head_dim), BLOCK_S=8)
         out.append(

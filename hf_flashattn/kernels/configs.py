@@ -120,12 +120,24 @@ _BWD_DQ_GPU = (
     # stages do not fit in shared memory, so the launcher fell back to this one there)
     (256, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=1)),
 )
-# Split-KV decoding: block_m is set per call to the packed query rows (16..64); block_n the
-# key step. Not yet measured on a GPU: a first guess.
+# Split-KV decoding: block_m is set per call to the packed query rows (16..128); block_n the
+# key step. D128 at 64-key steps, 4 warps, 2 stages (4 programs an SM) is within 1% of the
+# best candidate at most shapes (sweep_decode.py, H200, 2026-12-01/02)
 _DECODE_GPU = (
     (128, KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, fixed_m=True)),
     (256, KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2, fixed_m=True)),
 )
+# ... except where a key slice has few programs (batch x K/V heads at most two an SM), one tile
+# of 16 rows and a short cache: there 128-key steps, 8 warps and 3 stages (192 KB of K/V in
+# flight, one program an SM) read faster. One query, bf16 D128, kernel time against sdpa's
+# (sweep_decode.py, H200, 2026-12-02): b16/k4096/g4 0.968 -> 0.993, b64/k4096/g8 0.975 ->
+# 0.993, b16/k8192/g4 0.975 -> 1.000; 4 queries of GQA-4 up to 10% faster; no shape slower by
+# more than the run-to-run 0.5%. Past 16384 keys it lost ~1% (b16/k32768/g4, b1/k131072/g1),
+# and at 64 rows up to 6%.
+_DECODE_DEEP_GPU = (
+    (128, KernelConfig(block_m=16, block_n=128, num_warps=8, num_stages=3, fixed_m=True)),
+)
+_DEEP_DECODE_KEYS = 16384
 _INTERPRETER = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
 
 
@@ -164,9 +176,23 @@ def max_decode_rows(head_dim: int) -> int:
     return 128 if head_dim <= 128 else 64
 
 
-def decode_config(head_dim: int, rows: int, interpreting: bool) -> KernelConfig:
-    """The split-KV kernel's config for ``rows`` packed query rows (``max_decode_rows``)."""
-    cfg = _INTERPRETER if interpreting else _pick(_DECODE_GPU, head_dim)
+def deep_decode(head_dim: int, rows: int, seqlen_k: int, programs: int, sm_count: int) -> bool:
+    """Whether split-KV decoding takes the deep-pipeline entry: ``programs`` (batch x K/V
+    heads) per key slice at most two an SM of ``sm_count``, ``rows`` packed query rows in one
+    16-row tile, at most _DEEP_DECODE_KEYS keys, a head dim the entry covers."""
+    return (
+        head_dim <= _DECODE_DEEP_GPU[-1][0]
+        and rows <= 16
+        and seqlen_k <= _DEEP_DECODE_KEYS
+        and programs <= 2 * sm_count
+    )
+
+
+def decode_config(head_dim: int, rows: int, interpreting: bool, deep: bool = False) -> KernelConfig:
+    """The split-KV kernel's config for ``rows`` packed query rows (``max_decode_rows``);
+    ``deep``: the deep-pipeline entry (``deep_decode``)."""
+    table = _DECODE_DEEP_GPU if deep else _DECODE_GPU
+    cfg = _INTERPRETER if interpreting else _pick(table, head_dim)
     block_m = max(16, triton.next_power_of_2(rows))
     # a 128-row tile takes the main forward's 8 warps (the interpreter ignores warps)
     warps = 8 if block_m > 64 else cfg.num_warps
