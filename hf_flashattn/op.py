@@ -183,6 +183,14 @@ def _target_programs(device: torch.device, programs: int, per_sm: int | None) ->
     return (per_sm or 2) * _sm_count(device.index)
 
 
+def _deep_decode(device: torch.device, head_dim: int, rows: int, seqlen_k: int, programs: int):
+    """Whether split-KV decoding takes the deep-pipeline config (configs.deep_decode), which
+    was measured on GPUs; the interpreter has one config."""
+    if device.type != "cuda":
+        return False
+    return deep_decode(head_dim, rows, seqlen_k, programs, _sm_count(device.index))
+
+
 def _decode_splits(programs: int, seqlen_k: int, block_n: int, target: int) -> tuple[int, int]:
     """(number of key slices, keys per slice, a multiple of block_n) for ``programs``
     (batch x K/V heads) programs per slice: as many slices as keep the grid within ``target``
@@ -369,7 +377,7 @@ def _split_kv_forward(
     if kv_aligned:  # passed divided by 16, multiplied back in the kernel (kernels/decode.py)
         kb, kh, vb, vh = kb >> 4, kh >> 4, vb >> 4, vh >> 4
     rows, programs = group * seqlen_q, batch * heads_kv
-    deep = q.is_cuda and deep_decode(head_dim, rows, seqlen_k, programs, _sm_count(q.device.index))
+    deep = _deep_decode(q.device, head_dim, rows, seqlen_k, programs)
     key = (q.dtype, head_dim, group, causal, has_kpm, rows, kv_aligned, window > 0)
     key += (softcap > 0.0, deep)
     split = _decode_launcher(key + (False,))

@@ -64,7 +64,9 @@ def test_split_kv_matches_reference(
     splits(programs)
     q, k, v = _inputs(device, torch.float16, 2, heads_q, heads_kv, seqlen_q, 333, 64)
     _check(device, torch.float16, q, k, v, causal=causal)
-    blocks = -(-333 // decode_config(64, heads_q // heads_kv * seqlen_q, INTERPRETING).block_n)
+    rows = heads_q // heads_kv * seqlen_q
+    deep = op._deep_decode(q.device, 64, rows, 333, 2 * heads_kv)  # the op's choice here
+    blocks = -(-333 // decode_config(64, rows, INTERPRETING, deep).block_n)
     assert split_calls == [1 if programs == 1 else blocks]
     # one merge per forward of several slices; one slice writes the output itself
     assert merges == [n for n in split_calls if n > 1]
@@ -170,13 +172,13 @@ def test_one_slice_binary_is_held_to_the_partials_registers(device, splits, monk
     splits(1)
     q, k, v = _inputs(device, torch.float16, 2, 8, 2, 1, 200, 64)
     _check(device, torch.float16, q, k, v, causal=False)
-    # the decode launchers' keys end in ONE_SLICE
-    caps = {
-        key[1][-1]: got.cfg.max_registers
-        for key, got in op._LAUNCHERS.items()
-        if key[0] == "decode"
-    }
-    assert caps == {False: None, True: 128}
+    # the decode launchers' keys end in ONE_SLICE; on a GPU the partials binary's registers
+    # are its compiled count, not the stub's
+    launchers = {key[1][-1]: got for key, got in op._LAUNCHERS.items() if key[0] == "decode"}
+    assert launchers.keys() == {False, True}
+    assert launchers[False].cfg.max_registers is None
+    assert launchers[True].cfg.max_registers == launchers[False].registers
+    assert launchers[False].registers == 128 or device.type == "cuda"
 
 
 def test_split_count_fills_one_wave(monkeypatch):
