@@ -72,8 +72,8 @@ def sweep_shape(case: str, attn, sdpa, candidates, targets, seq_q: int = 1) -> d
     module.is_causal = False  # one query sees every key (as bench_decode.py)
     kw = dict(attention_mask=None, scaling=HEAD_DIM**-0.5, dropout=0.0)
     sm_count = op._sm_count(q.device.index)
-    rows, programs = group * seq_q, batch * heads_kv
-    deep = configs.deep_decode(HEAD_DIM, rows, seq_k, programs, sm_count)
+    rows = group * seq_q
+    deep = op._deep_decode(q.device, HEAD_DIM, rows, seq_k, batch * heads_kv)  # the op's choice
     table = configs.decode_config(HEAD_DIM, rows, False, deep)
     out = {"sdpa_ms": kernel_ms(partial(sdpa, module, q, k, v, **kw)), "ours": {}}
     reference = sdpa(module, q, k, v, **kw)[0].float()

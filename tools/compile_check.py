@@ -189,10 +189,11 @@ def specialisations() -> list[tuple]:
                     out.append((name, label, element, {**base, **chosen}, run))
         most = configs.max_decode_rows(head_dim)
         # (one_slice: the binary that writes the output itself where the keys are one slice;
-        # deep: the deep-pipeline entry of few programs a slice, up to head dim 128)
+        # deep: the deep-pipeline entry of few programs a slice, where it covers the head dim)
+        covered = configs.deep_decode(head_dim, 16, 1, 1, 1)  # its other conditions met
         for rows, causal, kpm, aligned, one_slice, deep in (
             (16, False, False, True, True, False),
-            (16, True, True, True, False, head_dim <= 128),
+            (16, True, True, True, False, covered),
             (most, True, True, False, False, False),
         ):
             cfg = configs.decode_config(head_dim, rows, False, deep)
