@@ -20,6 +20,7 @@ the JSON, then confirm with bench_call.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -108,10 +109,15 @@ def main(argv=None) -> None:
         default=None,
         help="candidates instead of the lists: block_m,block_n,warps,stages[,split]",
     )
+    p.add_argument("--dtype", default="bf16", choices=list(b.DTYPES), help="of every layer")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: none)")
     args = p.parse_args(argv)
     layers = {name: b.LAYERS[name] for name in args.layers}
     layers.update(b.parse_layer(spec) for spec in args.extra)
+    layers = {
+        f"{name}/{args.dtype}": dataclasses.replace(layer, dtype=args.dtype)
+        for name, layer in layers.items()
+    }
     rows = []
     for name, layer in layers.items():
         rows += sweep_layer(name, layer, args.kernels, args.configs)

@@ -96,9 +96,13 @@ _FWD_GPU = (
 # dK/dV: block_n is the resident K/V block (the M of every dot), block_m the Q step
 _BWD_DKDV_GPU = (
     (64, KernelConfig(block_m=32, block_n=128, num_warps=4, num_stages=3)),
-    # D=128: 32-row query steps, 3 stages: 7% off the LLaMA layer's forward + backward
-    # (benchmarks/sweep_configs.py, H200, 2026-11-30) against 64 rows and 2 stages
-    (128, KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)),
+    # D=80/96 (64 + 16/32 in two chunks): 32-row query steps, 3 stages; 64 rows cost 7% at
+    # (4, 32:8, 2048, 96) and 19% at (4, 16:4, 2048, 80) (sweep_configs.py, H200, 2026-12-02)
+    (96, KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)),
+    # D=128: 64-row query steps, 3 stages: the call's forward + backward kernel time 2-4% under
+    # 32 rows (LLaMA-0.5B 0.582 -> 0.572 ms, Llama-3-8B-like 5.04 -> 4.82, MHA (4, 16, 2048)
+    # 0.787 -> 0.769; same sweep): a warpgroup MMA with N = 64 reads less shared memory a FLOP
+    (128, KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)),
     # D=256: dV and dK in two launches (split_grads), 128-key blocks: the call's forward +
     # backward kernel time (8, 16, 2048, 256) 4.33 -> 3.61 ms, (2, 16:4, 8192, 256) 15.2 ->
     # 11.9 against both in one pass at (64, 64, 8, 1), which spills 688 B a thread where each
