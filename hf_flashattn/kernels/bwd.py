@@ -386,15 +386,10 @@ def attn_bwd_dkdv_kernel(
         lo_full = tl.where(ragged_k, q_end, lo_full)
         hi_full = tl.where(ragged_k, q_end, hi_full)
         # a key block outside the kept keys gets dK = dV = 0 without visiting any query
-        # (every stage's query range empty). The head loop's trip count stays a constexpr:
-        # with one head a part it folds away, and ptxas then spills less
         skip = (start_n >= kept_hi) | (start_n + BLOCK_N <= kept_lo)
-        lo = tl.where(skip, 0, lo)
-        lo_full = tl.where(skip, 0, lo_full)
-        hi_full = tl.where(skip, 0, hi_full)
-        q_end = tl.where(skip, 0, q_end)
+        n_heads = tl.where(skip, 0, HEADS_PER_PART)
 
-        for g in tl.range(HEADS_PER_PART):
+        for g in range(n_heads):
             h = h_kv * GROUP + part * HEADS_PER_PART + g
             bh = b64 * num_heads_q + h
             q_base = Q + b64 * stride_qb + h * stride_qh
