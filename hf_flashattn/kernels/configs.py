@@ -100,8 +100,8 @@ _BWD_DKDV_GPU = (
     # (4, 32:8, 2048, 96) and 19% at (4, 16:4, 2048, 80) (sweep_configs.py, H200, 2026-12-02)
     (96, KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)),
     # D=128: 64-row query steps, 3 stages: the call's forward + backward kernel time 2-4% under
-    # 32 rows (LLaMA-0.5B 0.582 -> 0.572 ms, Llama-3-8B-like 5.04 -> 4.82, MHA (4, 16, 2048)
-    # 0.787 -> 0.769; same sweep): a warpgroup MMA with N = 64 reads less shared memory a FLOP
+    # 32 rows in bf16 (LLaMA-0.5B 0.582 -> 0.572 ms, Llama-3-8B-like 5.04 -> 4.82, MHA
+    # (4, 16, 2048) 0.787 -> 0.769; same sweep), 0-6% in fp16 (2026-12-03); none slower
     (128, KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=3)),
     # D=256: dV and dK in two launches (split_grads), 128-key blocks: the call's forward +
     # backward kernel time (8, 16, 2048, 256) 4.33 -> 3.61 ms, (2, 16:4, 8192, 256) 15.2 ->
