@@ -13,6 +13,7 @@ by that).
     .venv-gpu-triton/bin/python tools/register_report.py --only "dkdv bf16 D64" --config 32,128,8,2
     # the fifth number caps the registers (ptxas' maxnreg, KernelConfig.max_registers)
     .venv-gpu-triton/bin/python tools/register_report.py --only "fwd bf16" --config 128,64,8,2,96
+    .venv-gpu-triton/bin/python tools/register_report.py --only "dkdv bf16 D128 plain" --group 1
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ def main(argv=None) -> int:
         help="BLOCK_M,BLOCK_N,WARPS,STAGES[,MAX_REGISTERS]: compile every selected kernel with "
         "this config instead",
     )
+    parser.add_argument(
+        "--group",
+        type=int,
+        default=None,
+        help="query heads per K/V head the kernels are compiled for (default: compile_check's 4); "
+        "1 is MHA, where loops over the group may fold away",
+    )
     args = parser.parse_args(argv)
     todo = jobs(args.only)
     if args.config:
@@ -151,6 +159,11 @@ def main(argv=None) -> int:
              compile_check.launch_options(forced))
             for name, label, element, constexprs, run in todo
         ]  # fmt: skip
+    if args.group is not None:
+        todo = [
+            (name, f"{label} G{args.group}", element, dict(constexprs, GROUP=args.group), run)
+            for name, label, element, constexprs, run in todo
+        ]
     with ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(report_one, todo, [args.arch] * len(todo)):
             print(line, flush=True)
