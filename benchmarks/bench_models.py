@@ -2,6 +2,7 @@
 BENCHMARKS.md asks: a LLaMA-style 0.5B (batch 4 x 2048, full rows and right-padded rows of
 uneven lengths), GPT-2 small (batch 8 x 1024) and a 4-layer Llama-3-8B-shaped model (1 x 8192),
 random init, bf16 weights, AdamW; greedy decoding of the LLaMA-style model with a KV cache.
+The train step's impls are resident together and take turns step by step (bench_train).
 
     python benchmarks/bench_models.py                        # everything (see --help)
     python benchmarks/bench_models.py --parts train --models gpt2 --impls sdpa triton_attention
@@ -192,28 +193,31 @@ def random_ids(batch: int, seq_len: int, vocab: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- training
+def train_step(model, inputs: dict, optimizer) -> tuple[float, float]:
+    """Seconds and loss of one training step (forward, backward, AdamW), synchronised."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, loss.item()
+
+
 def timed_steps(model, inputs: dict, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     """Seconds and loss of each training step (forward, backward, AdamW), warmup included."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times, losses = [], []
     for _ in range(warmup + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
+        seconds, loss = train_step(model, inputs, optimizer)
+        times.append(seconds)
+        losses.append(loss)
     return times, losses
 
 
-def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
-    """tokens/s from the median step (forward, loss on labels=input_ids, backward, AdamW)."""
-    spec = MODELS[name]
-    model = build(name, impl).train()
-    ids = random_ids(spec.batch, spec.seq_len, model.config.vocab_size)
+def _train_inputs(spec: ModelSpec, vocab: int) -> dict:
+    ids = random_ids(spec.batch, spec.seq_len, vocab)
     inputs = {"input_ids": ids, "labels": ids}
     if spec.lengths:
         mask = (
@@ -221,20 +225,85 @@ def bench_train(name: str, impl: str, steps: int, warmup: int = 2) -> dict:
             < torch.tensor(spec.lengths, device=DEVICE)[:, None]
         )
         inputs.update(attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100))
-    params = sum(p.numel() for p in model.parameters())
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = timed_steps(model, inputs, steps, warmup)
-    step_s = statistics.median(times[warmup:])
-    return {
-        "tokens_per_s": spec.batch * spec.seq_len / step_s,
-        "step_ms": step_s * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-        "params_m": params / 1e6,
-        "attn_implementation": model.config._attn_implementation,  # what transformers ran
-        "step_times_ms": [round(t * 1e3, 2) for t in times],
-        "losses": losses,
-        "finite_loss": all(math.isfinite(x) for x in losses),
+    return inputs
+
+
+class _Trainee:
+    """One impl's model, inputs and optimizer, its step times and losses, and its peak memory
+    counted apart from whatever else is resident (the other impls' models)."""
+
+    def __init__(self, name: str, impl: str) -> None:
+        self.before = torch.cuda.memory_allocated()  # the others' bytes, until it is resident
+        self.model = build(name, impl).train()
+        self.inputs = _train_inputs(MODELS[name], self.model.config.vocab_size)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.peak = 0
+        self.resident = None  # its own bytes between steps, once warm
+
+    def step(self) -> None:
+        others = self.before if self.resident is None else self._others()
+        torch.cuda.reset_peak_memory_stats()
+        seconds, loss = train_step(self.model, self.inputs, self.optimizer)
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated() - others)
+        self.times.append(seconds)
+        self.losses.append(loss)
+
+    def settle(self) -> None:
+        self.resident = torch.cuda.memory_allocated() - self.before
+
+    def _others(self) -> int:
+        return torch.cuda.memory_allocated() - self.resident
+
+
+def bench_train(name: str, impls: list[str], steps: int, warmup: int = 2) -> list[dict]:
+    """Per impl, tokens/s from the median step (forward, loss on labels=input_ids, backward,
+    AdamW). Every impl's model is built and warmed up first (the same seeded weights), then the
+    timed steps take turns, one step each per round: a GPU's drift over the run (clocks, heat,
+    a neighbour's load) falls on every impl alike instead of on whichever ran last. Five
+    back-to-back runs one after the other moved a ratio by up to 8% (benchmarks/NOTES.md,
+    twenty-first session). Peak memory is each impl's own: the others' resident bytes are
+    taken off."""
+    spec = MODELS[name]
+    results = {
+        i: {"model": name, "impl": i, "batch": spec.batch, "seq_len": spec.seq_len} for i in impls
     }
+    trainees: dict[str, _Trainee] = {}
+    for impl in impls:
+        try:
+            trainee = _Trainee(name, impl)
+            for _ in range(warmup):
+                trainee.step()
+            trainee.settle()
+            trainees[impl] = trainee
+        except Exception as exc:
+            results[impl]["error"] = error_string(exc)
+            release()
+    for _ in range(steps):
+        for impl, trainee in list(trainees.items()):
+            try:
+                trainee.step()
+            except Exception as exc:
+                results[impl]["error"] = error_string(exc)
+                del trainees[impl]
+                release()
+    for impl, t in trainees.items():
+        step_s = statistics.median(t.times[warmup:])
+        results[impl].update(
+            tokens_per_s=spec.batch * spec.seq_len / step_s,
+            step_ms=step_s * 1e3,
+            peak_gib=t.peak / GIB,
+            params_m=sum(p.numel() for p in t.model.parameters()) / 1e6,
+            attn_implementation=t.model.config._attn_implementation,  # what transformers ran
+            step_times_ms=[round(x * 1e3, 2) for x in t.times],
+            losses=t.losses,
+            finite_loss=all(math.isfinite(x) for x in t.losses),
+            interleaved_with=[i for i in trainees if i != impl],
+        )
+    trainees.clear()
+    release()
+    return [results[i] for i in impls]
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -403,7 +472,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--parts", nargs="+", choices=("train", "decode"), default=["train", "decode"])
-    p.add_argument("--steps", type=int, default=5, help="timed train steps after 2 warm-up steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="timed train steps per impl after 2 warm-up steps, the impls taking turns",
+    )
     p.add_argument(
         "--decode",
         nargs="+",
@@ -466,22 +540,18 @@ def main(argv=None) -> int:
 
     if "train" in args.parts:
         for name in args.models:
-            for impl in args.impls:
+            if over_budget():
                 spec = MODELS[name]
-                result = {"model": name, "impl": impl, "batch": spec.batch, "seq_len": spec.seq_len}
-                if over_budget():
-                    result["skipped"] = "time budget"
-                else:
-                    try:
-                        result.update(bench_train(name, impl, args.steps))
-                    except Exception as exc:
-                        result["error"] = error_string(exc)
-                release()
-                data["train"].append(result)
-                data["ratios_vs_sdpa"] = ratios_vs_sdpa(data)
-                write_json(args.out, data)
+                header = {"model": name, "batch": spec.batch, "seq_len": spec.seq_len}
+                results = [dict(header, impl=i, skipped="time budget") for i in args.impls]
+            else:
+                results = bench_train(name, args.impls, args.steps)
+            data["train"] += results
+            data["ratios_vs_sdpa"] = ratios_vs_sdpa(data)
+            write_json(args.out, data)
+            for result in results:
                 print(
-                    f"[{time.monotonic() - start:4.0f}s] train {name} {impl}: "
+                    f"[{time.monotonic() - start:4.0f}s] train {name} {result['impl']}: "
                     f"{result.get('tokens_per_s', 0):,.0f} tokens/s "
                     f"{result.get('error') or result.get('skipped') or ''}",
                     flush=True,
