@@ -216,7 +216,7 @@ def timed_steps(model, inputs: dict, steps: int, warmup: int) -> tuple[list[floa
     return times, losses
 
 
-def _train_inputs(spec: ModelSpec, vocab: int) -> dict:
+def train_inputs(spec: ModelSpec, vocab: int) -> dict:
     ids = random_ids(spec.batch, spec.seq_len, vocab)
     inputs = {"input_ids": ids, "labels": ids}
     if spec.lengths:
@@ -235,7 +235,7 @@ class _Trainee:
     def __init__(self, name: str, impl: str) -> None:
         self.before = torch.cuda.memory_allocated()  # the others' bytes, until it is resident
         self.model = build(name, impl).train()
-        self.inputs = _train_inputs(MODELS[name], self.model.config.vocab_size)
+        self.inputs = train_inputs(MODELS[name], self.model.config.vocab_size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.times: list[float] = []
         self.losses: list[float] = []
