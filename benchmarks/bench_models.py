@@ -261,10 +261,10 @@ def bench_train(name: str, impls: list[str], steps: int, warmup: int = 2) -> lis
     """Per impl, tokens/s from the median step (forward, loss on labels=input_ids, backward,
     AdamW). Every impl's model is built and warmed up first (the same seeded weights), then the
     timed steps take turns, one step each per round: a GPU's drift over the run (clocks, heat,
-    a neighbour's load) falls on every impl alike instead of on whichever ran last. Five
-    back-to-back runs one after the other moved a ratio by up to 8% (benchmarks/NOTES.md,
-    twenty-first session). Peak memory is each impl's own: the others' resident bytes are
-    taken off."""
+    a neighbour's load) falls on every impl alike instead of on whichever ran last. Three runs
+    timing one impl after the other put LLaMA-0.5B's ratio anywhere in 0.95-1.02x and GPT-2's
+    in 1.02-1.10x (benchmarks/NOTES.md, twenty-first session). Peak memory is each impl's own:
+    the others' resident bytes are taken off."""
     spec = MODELS[name]
     results = {
         i: {"model": name, "impl": i, "batch": spec.batch, "seq_len": spec.seq_len} for i in impls
@@ -279,6 +279,7 @@ def bench_train(name: str, impls: list[str], steps: int, warmup: int = 2) -> lis
             trainees[impl] = trainee
         except Exception as exc:
             results[impl]["error"] = error_string(exc)
+            trainee = None  # its memory goes back before the next impl builds
             release()
     for _ in range(steps):
         for impl, trainee in list(trainees.items()):
@@ -287,6 +288,7 @@ def bench_train(name: str, impls: list[str], steps: int, warmup: int = 2) -> lis
             except Exception as exc:
                 results[impl]["error"] = error_string(exc)
                 del trainees[impl]
+                trainee = None
                 release()
     for impl, t in trainees.items():
         step_s = statistics.median(t.times[warmup:])
