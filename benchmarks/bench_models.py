@@ -264,7 +264,9 @@ def bench_train(name: str, impls: list[str], steps: int, warmup: int = 2) -> lis
     a neighbour's load) falls on every impl alike instead of on whichever ran last. Three runs
     timing one impl after the other put LLaMA-0.5B's ratio anywhere in 0.95-1.02x and GPT-2's
     in 1.02-1.10x (benchmarks/NOTES.md, twenty-first session). Peak memory is each impl's own:
-    the others' resident bytes are taken off."""
+    the others' resident bytes are taken off. All impls resident at once need their models'
+    and optimizers' memory together: where a GPU runs short (an impl's result says out of
+    memory), ask for fewer ``--impls`` per run."""
     spec = MODELS[name]
     results = {
         i: {"model": name, "impl": i, "batch": spec.batch, "seq_len": spec.seq_len} for i in impls
