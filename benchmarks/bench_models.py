@@ -243,7 +243,10 @@ class _Trainee:
         self.resident = None  # its own bytes between steps, once warm
 
     def step(self) -> None:
-        others = self.before if self.resident is None else self._others()
+        # the others' bytes: what was there before this impl was built, until its own are known
+        others = self.before
+        if self.resident is not None:
+            others = torch.cuda.memory_allocated() - self.resident
         torch.cuda.reset_peak_memory_stats()
         seconds, loss = train_step(self.model, self.inputs, self.optimizer)
         self.peak = max(self.peak, torch.cuda.max_memory_allocated() - others)
@@ -252,9 +255,6 @@ class _Trainee:
 
     def settle(self) -> None:
         self.resident = torch.cuda.memory_allocated() - self.before
-
-    def _others(self) -> int:
-        return torch.cuda.memory_allocated() - self.resident
 
 
 def bench_train(name: str, impls: list[str], steps: int, warmup: int = 2) -> list[dict]:
