@@ -77,12 +77,15 @@ class KernelMask(NamedTuple):
     kv_len: keys ``[0, kv_len)`` take part; the rest (unused static-cache slots) never do.
     cu_seqlens: (batch_size, num_seqs + 1) int32 packed sequences per row (``flash_attn``'s
         argument), or None.
+    key_lengths: (batch_size,) int32 when every row of ``key_padding_mask`` keeps a prefix of
+        its keys (right padding): each row's count, which the kernels take instead of the mask.
     """
 
     key_padding_mask: torch.Tensor | None
     causal: bool
     kv_len: int
     cu_seqlens: torch.Tensor | None = None
+    key_lengths: torch.Tensor | None = None
 
 
 def _tracing() -> bool:
@@ -174,10 +177,9 @@ def attention_mask(
         shift = q_offset - kv_offset
         if not isinstance(shift, torch.Tensor) and shift == kv_length - q_length:
             # Bottom-right alignment, as the kernels do it (no cache, or a dynamic cache).
-            # .all() syncs the host; when compiling keep the mask instead of breaking the graph.
-            if padding is None or (not _tracing() and bool(padding.all())):
+            if padding is None:
                 return None
-            return padding
+            return _key_padding(padding, q_length)
         if q_length == 1:
             # One query (static-cache decoding): causality is a prefix of the keys; fold it into
             # the padding vector with tensor ops so a compiled decode step never syncs.
@@ -217,6 +219,26 @@ def attention_mask(
         allow_is_bidirectional_skip=False,
         **kwargs,
     )
+
+
+def _key_padding(padding: torch.Tensor, q_length: int) -> torch.Tensor | None:
+    """A causal call's (batch, kv_len) padding mask as :func:`attention_mask` returns it: None
+    when every key is kept. One host sync reads both that and whether each row keeps a prefix
+    of its keys (a padding collator's right padding); then every layer's call finds the rows'
+    lengths memoised with the mask (:func:`kernel_mask`) and the kernels read no mask. When
+    compiling, the mask as it is (no sync, no graph break)."""
+    if _tracing():
+        return padding
+    every_key, prefixes = torch.stack(
+        (padding.all(), (padding[:, 1:] <= padding[:, :-1]).all())
+    ).tolist()
+    if every_key:
+        return None
+    if prefixes:
+        lengths = padding.sum(-1, dtype=torch.int32)
+        kv_len = padding.shape[-1]
+        _remember(padding, q_length, kv_len, KernelMask(None, True, kv_len, None, lengths))
+    return padding
 
 
 # transformers' and_masks closures share one code object: that a mask function is one can be
@@ -431,7 +453,10 @@ def kernel_mask(
             raise ValueError(
                 f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}"
             )
-        return KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
+        km = KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
+        # right padding, seen by attention_mask(): the rows' lengths (no memo while tracing)
+        known = None if _tracing() else _recalled(attention_mask, q_len, km.kv_len, None)
+        return km if known is None else km._replace(key_lengths=known.key_lengths)
     if attention_mask.dim() != 4:
         raise ValueError(
             f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}"
@@ -440,15 +465,19 @@ def kernel_mask(
     # counter to notice in-place edits).
     if _tracing() or attention_mask.is_inference():
         return _analyse_4d(attention_mask, q_len, k_len, window)
-    memo = _last_analysis
-    if (
-        memo is not None
-        and memo[0]() is attention_mask
-        and memo[1:5] == (attention_mask._version, q_len, k_len, window)
-    ):
-        return memo[5]
+    known = _recalled(attention_mask, q_len, k_len, window)
+    if known is not None:
+        return known
     result = _analyse_4d(attention_mask, q_len, k_len, window)
     return _remember(attention_mask, q_len, k_len, result, window)
+
+
+def _recalled(mask: torch.Tensor, q_len: int, k_len: int, window) -> KernelMask | None:
+    """What :func:`_remember` holds for ``mask`` (unchanged since) and these sizes, or None."""
+    memo = _last_analysis
+    if memo is None or memo[0]() is not mask:
+        return None
+    return memo[5] if memo[1:5] == (mask._version, q_len, k_len, window) else None
 
 
 # ---------------------------------------------------------------------------- eager fallback
@@ -611,7 +640,7 @@ def attention_forward(
         )
     if km.kv_len < k_len:
         key, value = key[:, :, : km.kv_len], value[:, :, : km.kv_len]
-    kpm = km.key_padding_mask
+    kpm = None if km.key_lengths is not None else km.key_padding_mask
     if kpm is not None and kpm.shape[0] != query.shape[0]:
         kpm = kpm.expand(query.shape[0], -1)  # a 4-D mask broadcast over the batch
     cu_seqlens = km.cu_seqlens
@@ -636,6 +665,7 @@ def attention_forward(
         scale=scaling,
         dropout_p=dropout,
         key_padding_mask=kpm,
+        key_lengths=km.key_lengths,
         cu_seqlens=cu_seqlens,
         sliding_window=narrower_window(window, q_len, km.kv_len),  # unused cache slots cut
         softcap=kwargs.get("softcap"),

@@ -102,15 +102,15 @@ def _launcher(name: str, key: tuple, cfg: KernelConfig | None = None) -> _Launch
     config (the dK/dV pass's depends on the sequence length), else the table's."""
     launcher = _LAUNCHERS.get((name, key, cfg))
     if launcher is None:
-        dtype, head_dim, group, causal, has_kpm, has_seg, has_dropout, pad_q, window, *rest = key
-        softcap, own = rest
+        dtype, head_dim, group, causal, has_kpm, key_lengths, has_seg, *rest = key
+        has_dropout, pad_q, window, softcap, own = rest
         grads = _DKDV_GRADS.get(name)
         kernel, table, grid_block = _KERNELS["dkdv" if grads else name]
         constexprs = _constexprs(dtype, head_dim, group, causal, has_kpm)
         if grads:
             constexprs["GRADS"] = grads
         constexprs.update(HAS_SEG=has_seg, HAS_DROPOUT=has_dropout, PAD_Q=pad_q, HAS_WINDOW=window)
-        constexprs["HAS_SOFTCAP"] = softcap
+        constexprs.update(HAS_SOFTCAP=softcap, KEY_LENGTHS=key_lengths)
         # the head dim in one or two power-of-two chunks (the decode kernel pads it instead:
         # it reads K/V once, its dots are not what it waits on)
         constexprs.update(head_dim_constexprs(head_dim))
@@ -294,10 +294,11 @@ def _diagonal(causal: bool, window: int) -> tuple[bool, int, int]:
 @_on_device
 def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, softcap):
     """Launch the forward. q (batch, heads_q, seq_q, dim), k/v (batch, heads_kv, seq_k, dim),
-    last dim dense; segments: packed sequences' token bounds (``_segment_bounds``), or None;
-    seed: (1,) int64 on q's device, or None without dropout; window: the causal sliding
-    window (query i sees keys j > i + seq_k - seq_q - window), 0 for none; softcap: scores
-    capped as softcap * tanh(scores / softcap), 0.0 for none.
+    last dim dense; key_padding_mask: (batch, seq_k) bool, or (batch,) int32 key lengths
+    (flash_attn's key_lengths); segments: packed sequences' token bounds
+    (``_segment_bounds``), or None; seed: (1,) int64 on q's device, or None without dropout;
+    window: the causal sliding window (query i sees keys j > i + seq_k - seq_q - window), 0
+    for none; softcap: scores capped as softcap * tanh(scores / softcap), 0.0 for none.
     Returns out (batch, heads_q, seq_q, dim) stored as (batch, seq, heads, dim), and lse
     (batch, heads_q, seq_q) float32."""
     batch, heads_q, seqlen_q, head_dim = q.shape
@@ -314,6 +315,7 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointer, never read
+    key_lengths = has_kpm and kpm.dim() == 1
     has_seg = segments is not None
     group = heads_q // heads_kv
     pad_q = _pads_queries(has_kpm, causal, seqlen_q, seqlen_k)
@@ -321,12 +323,14 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     # decoding, short chunks, speculative verification: few query rows per K/V head
     few_rows = group * seqlen_q <= max_decode_rows(head_dim)
     if dropout_p == 0.0 and not has_seg and not pad_q and few_rows:
+        if key_lengths:  # the split-KV kernel reads a mask
+            kpm = torch.arange(seqlen_k, device=q.device) < kpm[:, None]
         kpm_or_none = kpm if has_kpm else None
         _split_kv_forward(q, k, v, out, lse, kpm_or_none, causal, scale, window, shift, softcap)
         if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
             out = out.to(q.dtype)
         return out, lse
-    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
+    flags = (has_kpm, key_lengths, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
     key = (q.dtype, head_dim, group, causal, *flags, scale > 0)
     _launcher("fwd", key)(
         seqlen_q,
@@ -464,11 +468,12 @@ def _backward(
     has_kpm = key_padding_mask is not None
     kpm = key_padding_mask if has_kpm else q  # dummy pointers, never read
     kpm_stride = kpm.stride(0) if has_kpm else 0
+    key_lengths = has_kpm and kpm.dim() == 1
     has_seg = segments is not None
     seg, seg_stride = (segments, segments.stride(0)) if has_seg else (q, 0)
     seed = q if seed is None else seed
     qk_scale = scale * _LOG2E
-    flags = (has_kpm, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
+    flags = (has_kpm, key_lengths, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
     key = (q.dtype, head_dim, group, causal, *flags, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
@@ -720,6 +725,22 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout) -> None:
         raise ValueError(f"scale must be a finite number, got {scale}")
 
 
+def _check_key_lengths(key_lengths, key_padding_mask, q) -> None:
+    if not isinstance(key_lengths, torch.Tensor):
+        raise TypeError(f"key_lengths must be a torch.Tensor, got {type(key_lengths).__name__}")
+    if key_lengths.dtype != torch.int32:
+        raise TypeError(f"key_lengths must be int32, got {key_lengths.dtype}")
+    if key_lengths.shape != (q.shape[0],):
+        raise ValueError(
+            f"key_lengths must have shape (batch,) = ({q.shape[0]},), "
+            f"got {tuple(key_lengths.shape)}"
+        )
+    if key_lengths.device != q.device:
+        raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
+    if key_padding_mask is not None:
+        raise ValueError("pass key_padding_mask or key_lengths, not both")
+
+
 def _new_seed(device) -> torch.Tensor:
     """The dropout seed: (1,) int64 on ``device``, drawn from that device's default generator
     (``torch.manual_seed`` reproduces it). A tensor, not an int: no ``.item()`` host sync, and
@@ -736,6 +757,7 @@ def flash_attn(
     scale: float | None = None,
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
@@ -790,6 +812,10 @@ def flash_attn(
             causal=True and seqlen_q == seqlen_k (causal self-attention: query i is key i's
             token) it marks the padded queries too: their rows give zeros, lse -inf and zero
             gradients, and cost nothing (FlashAttention-2's unpadded path leaves them so).
+        key_lengths: (batch_size,) int32, default None. Row b attends keys [0, key_lengths[b])
+            (clipped to [0, seqlen_k]): a right-padded batch's lengths. The same as a
+            key_padding_mask keeping a prefix of each row, queries included, and faster: the
+            kernels read one count a row, never a mask. Not with key_padding_mask.
         cu_seqlens: int32/int64, default None. Packed sequences: several sequences laid end
             to end along the sequence dimension (seq_q == seq_k), each attending only within
             itself (and causally with ``causal=True``), as if run alone: the cumulative
@@ -822,6 +848,10 @@ def flash_attn(
             layouts, natural log; -inf for rows that attend to nothing.
     """
     _check_inputs(q, k, v, key_padding_mask, dropout_p, scale, layout)
+    if key_lengths is not None:
+        _check_key_lengths(key_lengths, key_padding_mask, q)
+        # the launch functions take the lengths where the mask would go (told apart by dim)
+        key_padding_mask = key_lengths
     if out_layout is None:
         out_layout = layout
     elif out_layout not in LAYOUTS:
@@ -843,7 +873,7 @@ def flash_attn(
     segments = None
     if cu_seqlens is not None:
         if key_padding_mask is not None:
-            raise ValueError("pass cu_seqlens or key_padding_mask, not both")
+            raise ValueError("pass cu_seqlens or key_padding_mask / key_lengths, not both")
         seq_dim = 1 if layout == "bshd" else 2
         seqlen_q, seqlen_k = q.shape[seq_dim], k.shape[seq_dim]
         segments = segment_bounds(cu_seqlens, q.shape[0], seqlen_q, seqlen_k, q.device)
@@ -859,7 +889,7 @@ def flash_attn(
     if v.stride(-1) != 1:
         v = v.contiguous()
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
-        key_padding_mask = key_padding_mask.contiguous()
+        key_padding_mask = key_padding_mask.contiguous()  # and key_lengths
     causal, dropout_p = bool(causal), applied_dropout_rate(dropout_p)
     seed = _new_seed(q.device) if dropout_p > 0.0 else None
     args = (q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, cap)

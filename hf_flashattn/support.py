@@ -33,7 +33,9 @@ SUPPORTED_FEATURES: dict[str, str] = {
     "keys) is exact",
     "padding": "left and right padding, as a boolean key-padding mask; key blocks past a row's "
     "last kept key (or before its first) are skipped; in causal self-attention padded queries "
-    "give zeros and are skipped too (as FlashAttention-2's unpadded path; eager attends there)",
+    "give zeros and are skipped too (as FlashAttention-2's unpadded path; eager attends there); "
+    "right padding alone (a padding collator's) reaches the kernels as each row's length "
+    "(`flash_attn(key_lengths=...)`), and no block reads a mask",
     "packed sequences": "several sequences in one row, each attending only within itself: "
     "recognised from transformers' packed-sequence mask (position_ids restarting, no cache; "
     "the pattern is checked pair by pair, once per forward) or from "

@@ -101,6 +101,21 @@ def test_padded_batch_matches_eager(family, device, kernel_calls):
     assert_step_matches(ours, ref, mask)
 
 
+@pytest.mark.parametrize("family", MODELS)
+def test_right_padded_batch_reaches_the_kernels_as_lengths(family, device, kernel_calls):
+    """A padding collator's batch (right padding only): the mask function's one sync finds
+    every row a prefix, and every layer hands the kernels the rows' lengths, no mask."""
+    model = MODELS[family](device)
+    ids, mask, labels = padded_batch(device, padding=((0, 3), (0, 0), (0, 7)))
+    ours, ref = step_against_eager(model, IMPL, ids, mask, labels)
+
+    assert len(kernel_calls) == model.config.num_hidden_layers
+    for call in kernel_calls:
+        assert call["key_padding_mask"] is None
+        assert call["key_lengths"].tolist() == [5, 8, 1]
+    assert_step_matches(ours, ref, mask)
+
+
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_greedy_generate_left_padded_matches_eager(cache_implementation, device, kernel_calls):
     model = llama(device)

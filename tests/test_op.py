@@ -33,14 +33,18 @@ def _inputs(device, dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_di
 
 def _check(
     device, dtype, q, k, v, *, causal, key_padding_mask=None, scale=None, cu_seqlens=None,
-    sliding_window=None, softcap=None,
+    sliding_window=None, softcap=None, key_lengths=None,
 ):  # fmt: skip
-    """Forward, LSE and all three gradients of flash_attn against the reference."""
+    """Forward, LSE and all three gradients of flash_attn against the reference. key_lengths
+    goes to flash_attn alone; the reference takes the mask it stands for."""
     kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, cu_seqlens=cu_seqlens)
     kw.update(sliding_window=sliding_window, softcap=softcap)
-    out, lse = flash_attn(q, k, v, return_lse=True, **kw)
+    out, lse = flash_attn(q, k, v, return_lse=True, key_lengths=key_lengths, **kw)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    if key_lengths is not None:
+        keys = torch.arange(k.shape[2], device=key_lengths.device)
+        kw["key_padding_mask"] = keys < key_lengths[:, None]
 
     ref, lse_ref = attention_ref(q, k, v, **kw)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
@@ -216,6 +220,44 @@ def test_causal_self_attention_padded_queries_give_zeros(device, configs):
     q2, k2, v2 = _inputs(device, torch.float16, 5, 4, 2, seqlen - 1, seqlen, 64)
     out2 = flash_attn(q2, k2, v2, causal=True, key_padding_mask=mask)
     assert out2[0, :, 200:].abs().amax() > 0  # rows past the right padding still attend
+
+
+@pytest.mark.parametrize("configs", ["here", "gpu D64", "gpu D128"])
+@pytest.mark.parametrize("seqlen_q,causal", [(300, True), (300, False), (77, True), (1, True)])
+def test_key_lengths(device, configs, seqlen_q, causal):
+    """key_lengths (right padding as counts, the kernels reading no mask): the reference's
+    result for the prefix mask it stands for, in causal self-attention (padded queries give
+    zeros), without causality, with fewer queries than keys, and one query (split-KV
+    decoding, which takes a mask). Lengths ending inside a block and on its edge, one key,
+    none, and past both ends (clipped)."""
+    from hf_flashattn.kernels.configs import gpu_configs
+    from hf_flashattn.op import forced_configs
+
+    seqlen_k = 300
+    lengths = torch.tensor([300, 130, 128, 1, 0, -5, 999], dtype=torch.int32, device=device)
+    forced = {}
+    if configs != "here":
+        table = gpu_configs()[int(configs.split()[1].removeprefix("D"))]
+        forced = {name: cfg for name, cfg in table.items() if name != "decode"}
+    with forced_configs(**forced):
+        q, k, v = _inputs(device, torch.float16, 7, 4, 2, seqlen_q, seqlen_k, 64)
+        _check(device, torch.float16, q, k, v, causal=causal, key_lengths=lengths)
+        out = flash_attn(q, k, v, causal=causal, key_lengths=lengths)
+    assert torch.equal(out[4:6], torch.zeros_like(out[4:6]))  # nothing kept: zeros, not NaN
+
+
+def test_key_lengths_bad_input(device):
+    q, k, v = _good(device)
+    lengths = torch.tensor([8, 3], dtype=torch.int32, device=device)
+    with pytest.raises(TypeError, match="key_lengths must be int32"):
+        flash_attn(q, k, v, key_lengths=lengths.long())
+    with pytest.raises(TypeError, match="key_lengths must be a torch.Tensor"):
+        flash_attn(q, k, v, key_lengths=[8, 3])
+    with pytest.raises(ValueError, match=r"key_lengths must have shape \(batch,\)"):
+        flash_attn(q, k, v, key_lengths=lengths[None])
+    mask = torch.ones(2, 8, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="key_padding_mask or key_lengths"):
+        flash_attn(q, k, v, key_lengths=lengths, key_padding_mask=mask)
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.7, 0.0])

@@ -17,6 +17,7 @@ from .fwd import (
     _dropout_keep,
     _kept_key_range,
     _key_bounds,
+    _keys_end,
     _program_blocks,
     _segment_mask,
     _segment_span,
@@ -288,6 +289,7 @@ def attn_bwd_dkdv_kernel(
     GROUP_PARTS: tl.constexpr,
     GRADS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    KEY_LENGTHS: tl.constexpr,
 ):
     # GRADS: 3 computes dK and dV; 1 dV alone and 2 dK alone, as two launches of one call
     # (op._backward, configs.KernelConfig.split_grads): one float32 accumulator per program
@@ -313,7 +315,9 @@ def attn_bwd_dkdv_kernel(
     # its tiles are never loaded and its accumulators (zeros, never updated) fold away
     offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     kpm_ptr = KPM + b64 * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
+    keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b64 * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
     # bidirectional sliding window is a causal one with its diagonal moved)
@@ -354,7 +358,7 @@ def attn_bwd_dkdv_kernel(
             lo = 0
             lo_full = 0
         # the key block itself is ragged at the end of the sequence: mask every block then
-        ragged_k = start_n + BLOCK_N > seqlen_k
+        ragged_k = start_n + BLOCK_N > keys_end
         hi_full = seqlen_q // BLOCK_M * BLOCK_M
         q_end = seqlen_q
         if HAS_SEG:
@@ -426,7 +430,7 @@ def attn_bwd_dkdv_kernel(
                     stride_dom,
                     stride_dod,
                     seqlen_q,
-                    seqlen_k,
+                    keys_end,
                     causal_offset,
                     window,
                     qk_scale,
@@ -440,7 +444,7 @@ def attn_bwd_dkdv_kernel(
                     SPLIT_D,
                     stage != 1,
                     IS_CAUSAL,
-                    HAS_KPM,
+                    READ_KPM,
                     HAS_SEG,
                     HAS_WINDOW,
                     HAS_DROPOUT,
@@ -664,6 +668,7 @@ def attn_bwd_dq_kernel(
     PAD_Q: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    KEY_LENGTHS: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -683,7 +688,9 @@ def attn_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + h_kv * stride_kh
     v_base = V + b64 * stride_vb + h_kv * stride_vh
     kpm_ptr = KPM + b64 * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
+    keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b64 * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
     # bidirectional sliding window is a causal one with its diagonal moved)
@@ -727,7 +734,7 @@ def attn_bwd_dq_kernel(
         lo, hi_full, hi = _key_bounds(
             start_m,
             seqlen_q,
-            seqlen_k,
+            keys_end,
             causal_offset,
             kept_lo,
             kept_hi,
@@ -768,7 +775,7 @@ def attn_bwd_dq_kernel(
                 stride_vn,
                 stride_vd,
                 seqlen_q,
-                seqlen_k,
+                keys_end,
                 causal_offset,
                 window,
                 qk_scale,
@@ -782,7 +789,7 @@ def attn_bwd_dq_kernel(
                 SPLIT_D,
                 stage == 1,
                 IS_CAUSAL,
-                HAS_KPM,
+                READ_KPM,
                 HAS_SEG,
                 HAS_WINDOW,
                 HAS_DROPOUT,

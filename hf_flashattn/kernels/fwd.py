@@ -44,12 +44,20 @@ def _turn_block(first, turn, n_blocks):
 
 
 @triton.jit
-def _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM: tl.constexpr, SCAN: tl.constexpr = 1024):
+def _kept_key_range(
+    kpm_ptr, seqlen_k, HAS_KPM: tl.constexpr, KEY_LENGTHS: tl.constexpr, SCAN: tl.constexpr = 1024
+):
     # [first kept key, last kept key + 1) of one row of the key padding mask; (seqlen_k, 0) when
     # nothing is kept, (0, seqlen_k) without a mask. Keys outside it are all masked, so their
     # blocks need no work: padded batches (a padding collator's right padding, generation's
-    # left padding) skip them. Once per program: it does not depend on the block.
-    if HAS_KPM:
+    # left padding) skip them. Once per program: it does not depend on the block. KEY_LENGTHS:
+    # ``kpm_ptr`` points at the row's key count instead (keys [0, count) kept), read at once:
+    # the scan cost the LLaMA-0.5B layer's forward 19% and its dQ pass 23% (H200,
+    # benchmarks/NOTES.md twenty-second session).
+    if KEY_LENGTHS:
+        first = seqlen_k * 0
+        end = tl.minimum(tl.maximum(tl.load(kpm_ptr), 0), seqlen_k)
+    elif HAS_KPM:
         first = seqlen_k
         end = seqlen_k * 0
         for start in range(0, seqlen_k, SCAN):
@@ -61,6 +69,19 @@ def _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM: tl.constexpr, SCAN: tl.constexpr
         first = seqlen_k * 0
         end = seqlen_k
     return first, end
+
+
+@triton.jit
+def _keys_end(seqlen_k, kept_hi, KEY_LENGTHS: tl.constexpr):
+    # Where a row's keys end for the key loops. KEY_LENGTHS: the row keeps a prefix of its keys,
+    # so masking past its end (as the sequence's own end is masked: in the last block only) is
+    # the whole mask, and no block reads one; reading it in every block cost the padded
+    # LLaMA-0.5B layer's forward 6% and GPT-2's 17% (H200, benchmarks/NOTES.md).
+    if KEY_LENGTHS:
+        end = kept_hi
+    else:
+        end = seqlen_k
+    return end
 
 
 @triton.jit
@@ -427,6 +448,7 @@ def attn_fwd_kernel(
     SCALE_POSITIVE: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    KEY_LENGTHS: tl.constexpr,
 ):
     n_blocks_m = tl.cdiv(seqlen_q, BLOCK_M)
     # causal: the last query blocks see the most keys; each program pairs one with a light one
@@ -452,7 +474,9 @@ def attn_fwd_kernel(
     k1_ptrs = k_rows + offs_d1[None, :] * stride_kd
     v1_ptrs = v_rows + offs_d1[None, :] * stride_vd
     kpm_ptr = KPM + b * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM)
+    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
+    keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
     # bidirectional sliding window is a causal one with its diagonal moved)
@@ -487,7 +511,7 @@ def attn_fwd_kernel(
         lo, hi_full, hi = _key_bounds(
             start_m,
             seqlen_q,
-            seqlen_k,
+            keys_end,
             causal_offset,
             kept_lo,
             kept_hi,
@@ -520,7 +544,7 @@ def attn_fwd_kernel(
                 lo if stage == 0 else hi_full,
                 hi_full if stage == 0 else hi,
                 seqlen_q,
-                seqlen_k,
+                keys_end,
                 causal_offset,
                 window,
                 qk_scale,
@@ -540,7 +564,7 @@ def attn_fwd_kernel(
                 SPLIT_D,
                 stage == 1,
                 IS_CAUSAL,
-                HAS_KPM,
+                READ_KPM,
                 HAS_SEG,
                 HAS_DROPOUT,
                 UPCAST,
@@ -553,7 +577,10 @@ def attn_fwd_kernel(
         # -- epilogue: one division per row; rows with nothing to attend give 0 and lse = -inf
         empty = l_i == 0.0
         if PAD_Q:  # padded rows too (the backward then gives them P = 0)
-            row_kept = tl.load(kpm_ptr + offs_m, mask=row_mask, other=0) != 0
+            if KEY_LENGTHS:
+                row_kept = offs_m < kept_hi
+            else:
+                row_kept = tl.load(kpm_ptr + offs_m, mask=row_mask, other=0) != 0
             empty = empty | (row_kept == 0)
             acc = tl.where(row_kept[:, None], acc, 0.0)
             acc1 = tl.where(row_kept[:, None], acc1, 0.0)
