@@ -36,6 +36,7 @@ FEATURES = {
     "causal": {"IS_CAUSAL": True},
     "causal+dropout": {"IS_CAUSAL": True, "HAS_DROPOUT": True},
     "causal+padding": {"IS_CAUSAL": True, "HAS_KPM": True, "PAD_Q": True},
+    "causal+lengths": {"IS_CAUSAL": True, "HAS_KPM": True, "PAD_Q": True, "KEY_LENGTHS": True},
 }
 # flags every model's launch sets (models' softmax scales are positive)
 ALWAYS_ON = {"SCALE_POSITIVE": True}
