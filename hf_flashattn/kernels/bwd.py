@@ -316,15 +316,8 @@ def attn_bwd_dkdv_kernel(
     offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     kpm_ptr = KPM + b64 * stride_kpm_b
     kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
-    # KEY_LENGTHS: keys past the row's length are not masked in the query loop; their dK/dV
-    # rows (each its own keys' alone) are zeroed at the end instead. With PAD_Q the queries
-    # past it are padded too, and the row is an unpadded one of that length: its queries end
-    # there (q_end), the PAD_Q bounds below are not needed. Those bounds and a masked key end
-    # made ptxas spill 5.8 KB a thread here, against 1.4 KB unpadded.
-    READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loop reads the mask
-    # (bounds only; seqlen_q wherever packed sequences are, which never come with lengths)
-    q_len = _keys_end(seqlen_q, kept_hi, KEY_LENGTHS and PAD_Q)
     keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b64 * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
     # bidirectional sliding window is a causal one with its diagonal moved)
@@ -358,7 +351,7 @@ def attn_bwd_dkdv_kernel(
             lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
             lo_full = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
             lo_full = tl.minimum(
-                (lo_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, q_len // BLOCK_M * BLOCK_M
+                (lo_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q // BLOCK_M * BLOCK_M
             )
             lo_full = tl.maximum(lo_full, lo)
         else:
@@ -366,8 +359,8 @@ def attn_bwd_dkdv_kernel(
             lo_full = 0
         # the key block itself is ragged at the end of the sequence: mask every block then
         ragged_k = start_n + BLOCK_N > keys_end
-        hi_full = q_len // BLOCK_M * BLOCK_M
-        q_end = q_len
+        hi_full = seqlen_q // BLOCK_M * BLOCK_M
+        q_end = seqlen_q
         if HAS_SEG:
             # packed sequences: only the queries of this key block's sequences, every block
             # masked (a sequence's edge may cut any block) unless the key block lies in one
@@ -379,7 +372,7 @@ def attn_bwd_dkdv_kernel(
             hi_full = tl.minimum(hi_full, q_end // BLOCK_M * BLOCK_M)
             whole = _within_one_sequence(seg_ptr, start_n, BLOCK_N, seqlen_k, 1) & IS_CAUSAL
             ragged_k = ragged_k | (whole == 0)
-        if PAD_Q and not KEY_LENGTHS:
+        if PAD_Q:
             # causal self-attention with key padding: padded query rows give zeros (lse = -inf,
             # so P = 0 there); only the blocks holding kept rows are visited
             kept_rows_lo = kept_lo // BLOCK_M * BLOCK_M
@@ -436,7 +429,7 @@ def attn_bwd_dkdv_kernel(
                     stride_qd,
                     stride_dom,
                     stride_dod,
-                    q_len,
+                    seqlen_q,
                     keys_end,
                     causal_offset,
                     window,
