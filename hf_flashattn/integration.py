@@ -38,6 +38,7 @@ forward.
 
 from __future__ import annotations
 
+import collections
 import sys
 import warnings
 import weakref
@@ -396,9 +397,13 @@ def _match(
 
 
 # transformers hands the same mask tensor to every layer: analyse it once per forward. The memo
-# holds the mask weakly and keeps only a compact copy of any padding row, never a view: a view
-# would keep a (batch, 1, seq, seq) mask allocated after the forward.
-_last_analysis: tuple[weakref.ref, int, int, int, int | None, KernelMask | None] | None = None
+# holds the masks weakly and keeps only a compact copy of any padding row, never a view: a view
+# would keep a (batch, 1, seq, seq) mask allocated after the forward. The last few masks: models
+# with sliding-window and full layers (Gemma 2, gpt-oss) make one of each per forward.
+_ANALYSES_KEPT = 4
+_analyses: collections.deque[tuple[weakref.ref, int, int, int, int | None, KernelMask | None]] = (
+    collections.deque(maxlen=_ANALYSES_KEPT)
+)
 
 
 def _remember(
@@ -406,13 +411,12 @@ def _remember(
 ) -> KernelMask | None:
     """Memoise ``result`` for ``mask`` (not while tracing, nor for inference tensors, which have
     no version counter) and return what the memo holds, so every call sees the same object."""
-    global _last_analysis
     if _tracing() or mask.is_inference():
         return result
     if result is not None and result.key_padding_mask is not None:
         compact = result.key_padding_mask.clone(memory_format=torch.contiguous_format)
         result = result._replace(key_padding_mask=compact)
-    _last_analysis = (weakref.ref(mask), mask._version, q_len, k_len, window, result)
+    _analyses.append((weakref.ref(mask), mask._version, q_len, k_len, window, result))
     return result
 
 
@@ -474,10 +478,10 @@ def kernel_mask(
 
 def _recalled(mask: torch.Tensor, q_len: int, k_len: int, window) -> KernelMask | None:
     """What :func:`_remember` holds for ``mask`` (unchanged since) and these sizes, or None."""
-    memo = _last_analysis
-    if memo is None or memo[0]() is not mask:
-        return None
-    return memo[5] if memo[1:5] == (mask._version, q_len, k_len, window) else None
+    for memo in reversed(_analyses):
+        if memo[0]() is mask and memo[1:5] == (mask._version, q_len, k_len, window):
+            return memo[5]
+    return None
 
 
 # ---------------------------------------------------------------------------- eager fallback

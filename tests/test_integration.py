@@ -369,6 +369,7 @@ def _dense(form, q_len, k_len, device):
 PADDING = torch.tensor(
     [[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool
 )
+PADDING_RIGHT = torch.arange(10) < torch.tensor([[10], [7], [1]])  # a padding collator's
 # The extra arguments transformers' create_causal_mask / create_bidirectional_mask /
 # create_sliding_window_causal_mask (and their bidirectional and chunked kin) pass.
 CAUSAL = {"allow_is_causal_skip": True}
@@ -551,10 +552,22 @@ def test_4d_analysis_memo_keeps_only_a_copy_of_the_padding_row(form, device):
     storage = weakref.ref(mask.untyped_storage())
     km = kernel_mask(mask, True, 10, 10)
     assert km.causal and torch.equal(km.key_padding_mask, PADDING.to(device))
-    kept = integration._last_analysis[5].key_padding_mask
+    kept = integration._analyses[-1][5].key_padding_mask
     assert kept.untyped_storage().nbytes() == PADDING.numel()  # bool: a byte per key
     del mask, km
     assert storage() is None
+
+
+def test_each_of_a_forwards_right_padded_masks_keeps_its_lengths(device):
+    """Models with sliding-window and full layers make two masks per forward: the layers of
+    each still find their rows' lengths."""
+    padding = PADDING_RIGHT.to(device)
+    masks = [integration.attention_mask(3, 10, 10, attention_mask=padding) for _ in range(2)]
+    assert masks[0] is not masks[1]
+    for mask in masks * 2:
+        assert kernel_mask(mask, True, 10, 10).key_lengths.tolist() == [10, 7, 1]
+    left = integration.attention_mask(3, 10, 10, attention_mask=padding.flip(-1))
+    assert kernel_mask(left, True, 10, 10).key_lengths is None  # not a prefix: the mask
 
 
 # ---------------------------------------------------------------------------- fallbacks
