@@ -3,9 +3,10 @@
 ``hf_flashattn.integration.attention_forward`` against transformers' own
 ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` (default dispatch), with a
 module that has ``is_causal=True``, ``num_key_value_groups`` and ``training=True``; q, k, v
-created as (batch, seq, heads, dim) and transposed, K/V heads unexpanded, no mask (causal).
+created as (batch, seq, heads, dim) and transposed, K/V heads unexpanded, no mask (causal), but
+for the padded layer, where each impl gets its own mask function's mask (``layer_masks``).
 
-    python benchmarks/bench_call.py                    # the four layers, ~1-2 minutes
+    python benchmarks/bench_call.py                    # the five layers, ~1-2 minutes
     python benchmarks/bench_call.py --layers gpt2      # one layer
     python benchmarks/bench_call.py --extra 4,16,16,2048,256   # and any other layer
     python benchmarks/bench_call.py --sweep            # + head_dim x GQA x dtype x N (fwd+bwd)
@@ -59,10 +60,16 @@ class Layer:
     head_dim: int
     dropout: float = 0.0
     dtype: str = "bf16"
+    # right-padded rows (a padding collator's batch): each row's real tokens; None: unpadded
+    lengths: tuple[int, ...] | None = None
 
 
 LAYERS = {
     "llama_0.5b": Layer(batch=4, heads_q=12, heads_kv=4, seq_len=2048, head_dim=128),
+    # bench_models.py's llama_padded rows: each impl takes its own mask function's mask
+    "llama_0.5b_padded": Layer(
+        batch=4, heads_q=12, heads_kv=4, seq_len=2048, head_dim=128, lengths=(1041, 756, 964, 798)
+    ),
     "gpt2": Layer(batch=8, heads_q=12, heads_kv=12, seq_len=1024, head_dim=64),
     "gpt2_dropout": Layer(batch=8, heads_q=12, heads_kv=12, seq_len=1024, head_dim=64, dropout=0.1),
     "llama3_8b": Layer(batch=1, heads_q=32, heads_kv=8, seq_len=8192, head_dim=128),
@@ -118,6 +125,32 @@ def implementations() -> dict:
     return {"ours": attention_forward, "sdpa": sdpa_attention_forward}
 
 
+def layer_masks(layer: Layer) -> dict:
+    """Each impl's attention mask, as its own mask function builds it from the rows' padding
+    (what a model's forward hands every layer): ours a (batch, seq) padding mask whose rows'
+    lengths it memoises, sdpa's a (batch, 1, seq, seq) one. None without padding."""
+    if layer.lengths is None:
+        return {"ours": None, "sdpa": None}
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from hf_flashattn.integration import attention_mask
+
+    lengths = torch.tensor(layer.lengths, device=DEVICE)
+    padding = torch.arange(layer.seq_len, device=DEVICE) < lengths[:, None]
+    args = dict(
+        batch_size=layer.batch,
+        q_length=layer.seq_len,
+        kv_length=layer.seq_len,
+        q_offset=0,
+        kv_offset=0,
+        mask_function=causal_mask_function,
+        attention_mask=padding,
+        allow_is_causal_skip=True,  # as create_causal_mask asks
+        device=DEVICE,
+    )
+    return {"ours": attention_mask(**args), "sdpa": sdpa_mask(**args)}
+
+
 def make_inputs(layer: Layer):
     dtype = DTYPES[layer.dtype]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -147,8 +180,10 @@ def make_inputs(layer: Layer):
     return q, k, v, dout
 
 
-def step(attn, module, layer: Layer, q, k, v, dout, mode: str):
-    kw = dict(attention_mask=None, scaling=layer.head_dim**-0.5, dropout=layer.dropout)
+def step(attn, module, layer: Layer, q, k, v, dout, mode: str, mask=None):
+    """The call (``mode`` "fwd") or the call and its backward; ``mask``: the impl's mask for a
+    padded layer (``layer_masks``)."""
+    kw = dict(attention_mask=mask, scaling=layer.head_dim**-0.5, dropout=layer.dropout)
     if mode == "fwd":
         return lambda: attn(module, q, k, v, **kw)[0]
 
@@ -182,12 +217,19 @@ def measure(fn) -> dict:
     return result
 
 
-def spot_check(impls, module, layer, q, k, v) -> dict:
-    """max |ours - sdpa| of the output (no-dropout layers only: the masks differ)."""
-    kw = dict(attention_mask=None, scaling=layer.head_dim**-0.5, dropout=0.0)
+def spot_check(impls, module, layer, q, k, v, masks) -> dict:
+    """max |ours - sdpa| of the output at the real tokens (no-dropout layers only: the dropout
+    masks differ; a padded query's row differs by design, ours zeros)."""
+    kw = dict(scaling=layer.head_dim**-0.5, dropout=0.0)
     with torch.no_grad():
-        ours = impls["ours"](module, q, k, v, **kw)[0]
-        ref = impls["sdpa"](module, q, k, v, **kw)[0]
+        ours = impls["ours"](module, q, k, v, attention_mask=masks["ours"], **kw)[0]
+        ref = impls["sdpa"](module, q, k, v, attention_mask=masks["sdpa"], **kw)[0]
+    if layer.lengths is not None:
+        real = (
+            torch.arange(layer.seq_len, device=q.device)
+            < torch.tensor(layer.lengths, device=q.device)[:, None]
+        )
+        ours, ref = ours[real], ref[real]  # (batch, seq, heads, dim) at the real tokens
     return {
         "max_abs_diff_vs_sdpa": (ours.float() - ref.float()).abs().max().item(),
         "nan": bool(torch.isnan(ours).any()),
@@ -197,18 +239,19 @@ def spot_check(impls, module, layer, q, k, v) -> dict:
 def bench_layer(name: str, layer: Layer, impls: dict, modes) -> dict:
     module = AttentionModule(layer)
     q, k, v, dout = make_inputs(layer)
+    masks = layer_masks(layer)
     record = {"case": name, **asdict(layer), "impls": {}}
     for impl_name, attn in impls.items():
         record["impls"][impl_name] = {}
         for mode in modes:
             try:
-                result = measure(step(attn, module, layer, q, k, v, dout, mode))
+                result = measure(step(attn, module, layer, q, k, v, dout, mode, masks[impl_name]))
             except Exception as exc:  # one failing case must not end the run
                 result = {"error": error_string(exc)}
             record["impls"][impl_name][mode] = result
     if layer.dropout == 0.0:
         try:
-            record["check"] = spot_check(impls, module, layer, q, k, v)
+            record["check"] = spot_check(impls, module, layer, q, k, v, masks)
         except Exception as exc:
             record["check"] = {"error": error_string(exc)}
     del q, k, v, dout
@@ -269,7 +312,7 @@ def parse_args(argv=None):
         help="also head_dim {64,80,96,128,256} x GQA {1,4,8} x dtypes x N {2048,8192}, fwd+bwd "
         "(each new shape compiles the kernels: several minutes)",
     )
-    p.add_argument("--sweep-only", action="store_true", help="the sweep without the four layers")
+    p.add_argument("--sweep-only", action="store_true", help="the sweep without the five layers")
     p.add_argument("--extra", nargs="*", default=[], help="layers: batch,heads_q,heads_kv,seq,dim")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--out", type=Path, default=None, help="JSON path; default benchmarks/results/")

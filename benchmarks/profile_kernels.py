@@ -51,8 +51,10 @@ def main(argv=None) -> None:
     for name, layer in layers.items():
         module = b.AttentionModule(layer)
         q, k, v, dout = b.make_inputs(layer)
+        masks = b.layer_masks(layer)
         for impl_name, attn in impls.items():
-            times = kernel_times(b.step(attn, module, layer, q, k, v, dout, "fwd+bwd"))
+            fn = b.step(attn, module, layer, q, k, v, dout, "fwd+bwd", masks[impl_name])
+            times = kernel_times(fn)
             total = sum(times.values())
             print(f"{name} {impl_name}: {total:.1f} us per fwd+bwd")
             for kernel, us in times.items():

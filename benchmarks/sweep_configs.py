@@ -72,7 +72,8 @@ def sweep_layer(name: str, layer: b.Layer, kernels, configs_given=None) -> list[
     impls = b.implementations()
     module = b.AttentionModule(layer)
     q, k, v, dout = b.make_inputs(layer)
-    fn = b.step(impls["ours"], module, layer, q, k, v, dout, "fwd+bwd")
+    mask = b.layer_masks(layer)["ours"]
+    fn = b.step(impls["ours"], module, layer, q, k, v, dout, "fwd+bwd", mask)
     rows = []
     for kernel in kernels:
         candidates = configs_given or CANDIDATES[kernel]
