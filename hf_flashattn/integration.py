@@ -224,12 +224,17 @@ def attention_mask(
 
 def _key_padding(padding: torch.Tensor, q_length: int) -> torch.Tensor | None:
     """A causal call's (batch, kv_len) padding mask as :func:`attention_mask` returns it: None
-    when every key is kept. One host sync reads both that and whether each row keeps a prefix
-    of its keys (a padding collator's right padding); then every layer's call finds the rows'
-    lengths memoised with the mask (:func:`kernel_mask`) and the kernels read no mask. When
-    compiling, the mask as it is (no sync, no graph break)."""
+    when every key is kept (one host sync). Without a cache (training, a first prefill) the same
+    sync also reads whether each row keeps a prefix of its keys (a padding collator's right
+    padding); then every layer's call finds the rows' lengths memoised with the mask
+    (:func:`kernel_mask`) and the kernels read no mask. Decoding steps skip that: the split-KV
+    kernel reads a mask either way. When compiling, the mask as it is (no sync, no graph
+    break)."""
     if _tracing():
         return padding
+    kv_len = padding.shape[-1]
+    if q_length != kv_len:
+        return None if bool(padding.all()) else padding
     every_key, prefixes = torch.stack(
         (padding.all(), (padding[:, 1:] <= padding[:, :-1]).all())
     ).tolist()
@@ -237,7 +242,6 @@ def _key_padding(padding: torch.Tensor, q_length: int) -> torch.Tensor | None:
         return None
     if prefixes:
         lengths = padding.sum(-1, dtype=torch.int32)
-        kv_len = padding.shape[-1]
         _remember(padding, q_length, kv_len, KernelMask(None, True, kv_len, None, lengths))
     return padding
 

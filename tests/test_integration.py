@@ -560,7 +560,7 @@ def test_4d_analysis_memo_keeps_only_a_copy_of_the_padding_row(form, device):
 
 def test_each_of_a_forwards_right_padded_masks_keeps_its_lengths(device):
     """Models with sliding-window and full layers make two masks per forward: the layers of
-    each still find their rows' lengths."""
+    each still find their rows' lengths. Left padding and decoding steps keep the mask."""
     padding = PADDING_RIGHT.to(device)
     masks = [integration.attention_mask(3, 10, 10, attention_mask=padding) for _ in range(2)]
     assert masks[0] is not masks[1]
@@ -568,6 +568,9 @@ def test_each_of_a_forwards_right_padded_masks_keeps_its_lengths(device):
         assert kernel_mask(mask, True, 10, 10).key_lengths.tolist() == [10, 7, 1]
     left = integration.attention_mask(3, 10, 10, attention_mask=padding.flip(-1))
     assert kernel_mask(left, True, 10, 10).key_lengths is None  # not a prefix: the mask
+    # a decoding step (one query, a cache of 10): the split-KV kernel reads the mask anyway
+    step = integration.attention_mask(3, 1, 10, q_offset=9, attention_mask=padding)
+    assert kernel_mask(step, True, 1, 10).key_lengths is None
 
 
 # ---------------------------------------------------------------------------- fallbacks
