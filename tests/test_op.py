@@ -961,20 +961,24 @@ def test_eager_calls_skip_the_custom_op(device, monkeypatch):
         flash_attn(q, k, v)
 
 
-@pytest.mark.parametrize("case", ["plain", "packed", "sliding window", "softcap"])
+@pytest.mark.parametrize("case", ["plain", "packed", "sliding window", "softcap", "key lengths"])
 def test_custom_op_matches_eager_path(device, case):
     """The torch.compile path (custom ops, their autograd) runs the same launch functions, with
-    packed sequences' token bounds, a sliding window and soft-capped logits too."""
+    packed sequences' token bounds, a sliding window, soft-capped logits and key lengths (in
+    the key padding mask's place) too."""
     from hf_flashattn import op
     from hf_flashattn.packing import token_bounds
 
     packed = case == "packed"
-    seqlen_k = 40 if packed else 50
+    seqlen_k = 40 if packed or case == "key lengths" else 50
     q, k, v = _inputs(device, torch.float16, 1, 4, 2, 40, seqlen_k, 32)
     segments = token_bounds(torch.tensor([0, 15, 40], device=device), 40) if packed else None
     window = 7 if case == "sliding window" else 0
     softcap = 2.0 if case == "softcap" else 0.0
-    args = (q, k, v, None, segments, True, 32**-0.5, 0.0, None, window, softcap)
+    lengths = None
+    if case == "key lengths":
+        lengths = torch.tensor([29], dtype=torch.int32, device=device)
+    args = (q, k, v, lengths, segments, True, 32**-0.5, 0.0, None, window, softcap)
     out, lse = op._fwd_op(*args)
     out_e, lse_e = op._FlashAttn.apply(False, *args)  # False: out as bhsd
     assert torch.equal(out, out_e) and torch.equal(lse, lse_e)
