@@ -456,17 +456,23 @@ def test_dropout_gradients_match_reference_with_kernel_mask(device, causal, seql
     _check_dropout(device, seqlen_q, 0.25, causal, seed=7)
 
 
-def _check_dropout(device, seqlen_q, p, causal, seed):
+def _check_dropout(device, seqlen_q, p, causal, seed, key_lengths=None):
     """Output and gradients with dropout against the reference under the kernels' own keep
-    mask (drawn again from the same seed through the test hook)."""
+    mask (drawn again from the same seed through the test hook); key_lengths (a list) goes to
+    flash_attn, the prefix mask it stands for to the reference."""
     q, k, v = _dropout_inputs(device, seqlen_q)
+    lengths = None
+    if key_lengths is not None:
+        lengths = torch.tensor(key_lengths, dtype=torch.int32, device=device)
     torch.manual_seed(seed)
-    out = flash_attn(q, k, v, dropout_p=p, causal=causal)
+    out = flash_attn(q, k, v, dropout_p=p, causal=causal, key_lengths=lengths)
     torch.manual_seed(seed)
     keep = dropout_keep_mask(_new_seed(device), 2, 2, seqlen_q, 96, p, device)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     kw = dict(causal=causal, dropout_keep=keep, dropout_p=applied_dropout_rate(p))
+    if lengths is not None:
+        kw["key_padding_mask"] = torch.arange(96, device=device) < lengths[:, None]
     ref, _ = attention_ref(q, k, v, **kw)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
     lowp, _ = attention_ref(q, k, v, upcast=False, **kw)
@@ -474,6 +480,13 @@ def _check_dropout(device, seqlen_q, p, causal, seed):
     assert_close_to_ref("out", out, ref, lowp, 1e-4)
     for name, g, r, lp in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads, strict=True):
         assert_close_to_ref(name, g, r, lp, 1e-3 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("seqlen_q,causal", [(96, True), (64, False)])
+def test_dropout_with_key_lengths(device, seqlen_q, causal):
+    """A padding collator's batch under dropout (GPT-2 fine-tuning): key lengths, padded
+    queries too in causal self-attention."""
+    _check_dropout(device, seqlen_q, 0.25, causal, seed=5, key_lengths=[70, 96])
 
 
 def test_dropout_keep_mask_rows(device):
