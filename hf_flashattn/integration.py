@@ -78,8 +78,8 @@ class KernelMask(NamedTuple):
     kv_len: keys ``[0, kv_len)`` take part; the rest (unused static-cache slots) never do.
     cu_seqlens: (batch_size, num_seqs + 1) int32 packed sequences per row (``flash_attn``'s
         argument), or None.
-    key_lengths: (batch_size,) int32 when every row of ``key_padding_mask`` keeps a prefix of
-        its keys (right padding): each row's count, which the kernels take instead of the mask.
+    key_lengths: (batch_size,) int32, in place of ``key_padding_mask`` (then None) where every
+        row keeps a prefix of its keys (right padding): each row's count.
     """
 
     key_padding_mask: torch.Tensor | None
@@ -461,10 +461,12 @@ def kernel_mask(
             raise ValueError(
                 f"2-D attention_mask covers {attention_mask.shape[-1]} keys, but there are {k_len}"
             )
-        km = KernelMask(attention_mask.to(torch.bool), causal, attention_mask.shape[-1])
+        kv_len = attention_mask.shape[-1]
         # right padding, seen by attention_mask(): the rows' lengths (no memo while tracing)
-        known = None if _tracing() else _recalled(attention_mask, q_len, km.kv_len, None)
-        return km if known is None else km._replace(key_lengths=known.key_lengths)
+        known = None if _tracing() else _recalled(attention_mask, q_len, kv_len, None)
+        if known is not None:
+            return KernelMask(None, causal, kv_len, key_lengths=known.key_lengths)
+        return KernelMask(attention_mask.to(torch.bool), causal, kv_len)
     if attention_mask.dim() != 4:
         raise ValueError(
             f"attention_mask must be None, 2-D or 4-D, got shape {tuple(attention_mask.shape)}"
@@ -648,7 +650,7 @@ def attention_forward(
         )
     if km.kv_len < k_len:
         key, value = key[:, :, : km.kv_len], value[:, :, : km.kv_len]
-    kpm = None if km.key_lengths is not None else km.key_padding_mask
+    kpm = km.key_padding_mask
     if kpm is not None and kpm.shape[0] != query.shape[0]:
         kpm = kpm.expand(query.shape[0], -1)  # a 4-D mask broadcast over the batch
     cu_seqlens = km.cu_seqlens
