@@ -205,22 +205,26 @@ def _dkdv_config(head_dim: int, seqlen_k: int) -> KernelConfig:
     return _FORCED.get("dkdv") or bwd_dkdv_config(head_dim, INTERPRETING, seqlen_k)
 
 
-def _dkdv_parts(group: int, heads_kv: int, cfg: KernelConfig, seqlen_k: int, causal: bool, device):
+def _dkdv_parts(
+    group: int, heads_kv: int, cfg: KernelConfig, head_dim: int, seqlen_k: int, causal: bool, device
+) -> int:
     """The dK/dV pass's GQA group parts for ``heads_kv`` (batch x K/V heads) programs per key
     block (or causal pair of them) of ``cfg``."""
     blocks = triton_cdiv(seqlen_k, cfg.block_n)
     programs = heads_kv * ((blocks + 1) // 2 if causal else blocks)
-    return _dkdv_group_parts(group, programs, _dkdv_target(device, cfg.num_warps))
+    return _dkdv_group_parts(group, programs, _dkdv_target(device, cfg.num_warps, head_dim))
 
 
-def _dkdv_target(device: torch.device, num_warps: int) -> int:
+def _dkdv_target(device: torch.device, num_warps: int, head_dim: int) -> int:
     """Programs the dK/dV pass should have before sharing out GQA groups. Two waves of 4-warp
     programs (head_dim <= 64): at (8, 16:2, 2048, 64) the call's forward + backward went 0.63x
     -> 0.79x sdpa, 0.59x -> 0.80x at (2, 16:2, 8192, 64). None for 8-warp programs, which fill
     an SM alone: at the LLaMA-0.5B layer sharing took 0.86x to 0.65x, Llama-3-8B-like even
-    (H200, benchmarks/NOTES.md tenth session). The interpreter runs programs one by one:
-    never shared there unless a test asks."""
-    if device.type != "cuda" or num_warps > 4:
+    (H200, benchmarks/NOTES.md tenth session). None past head_dim 64 either, where the parts'
+    float32 sums are twice the bytes: LLaMA-0.5B's 4-warp pass with its group in 3 parts took
+    the call's kernels from 565 to 667 us (H200, twenty-third session). The interpreter runs
+    programs one by one: never shared there unless a test asks."""
+    if device.type != "cuda" or num_warps > 4 or head_dim > 64:
         return 1
     return 2 * _sm_count(device.index)
 
@@ -457,7 +461,7 @@ def _backward(
     dkdv_cfg = _dkdv_config(head_dim, seqlen_k)
     parts = 1
     if group > 1:
-        parts = _dkdv_parts(group, batch * heads_kv, dkdv_cfg, seqlen_k, causal, q.device)
+        parts = _dkdv_parts(group, batch * heads_kv, dkdv_cfg, head_dim, seqlen_k, causal, q.device)
     if parts == 1:
         dk = torch.empty_like(k, dtype=store)
         dv = torch.empty_like(v, dtype=store)

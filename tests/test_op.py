@@ -126,7 +126,7 @@ def test_gqa_group_shared_out_in_dkdv(device, monkeypatch, parts, causal):
     block_n = op._dkdv_config(64, 140).block_n  # the key block this machine launches
     blocks = -(-140 // block_n)
     target = parts * 2 * 2 * ((blocks + 1) // 2 if causal else blocks)  # batch 2 x 2 K/V heads
-    monkeypatch.setattr(op, "_dkdv_target", lambda dev, warps: target)
+    monkeypatch.setattr(op, "_dkdv_target", lambda dev, warps, head_dim: target)
     monkeypatch.setattr(op, "_dkdv_group_parts", lambda *a: chosen.append(choose(*a)) or chosen[-1])
     q, k, v = _inputs(device, torch.float16, 2, 8, 2, 70, 140, 64, layout="bshd")
     mask = torch.arange(140)[None, :] < torch.tensor([140, 97])[:, None]
