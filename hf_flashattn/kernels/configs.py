@@ -88,7 +88,9 @@ _FWD_GPU = (
     # D<=64: 4 warps: 5% off a (8, 12, 4096, 64) layer's forward + backward against 8 warps
     # (sweep_configs.py, H200, 2026-11-30, seventh session)
     (64, KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)),
-    # D=65-128: 64 x 64, 4 warps: the causal forward 5-7% under 128 x 64 at 8 warps (kernel
+    # D=65-96 (64 + 16/32 in two chunks)
+    (96, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    # D=97-128: 64 x 64, 4 warps: the causal forward 5-7% under 128 x 64 at 8 warps (kernel
     # time, H200, 2026-12-03: LLaMA-0.5B (4, 12:4, 2048) 140 -> 131 us, MHA (4, 16, 2048) 187
     # -> 177, Llama-3-8B-like (1, 32:8, 8192) 1192 -> 1121; right-padded LLaMA 64 -> 56)
     (128, KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
