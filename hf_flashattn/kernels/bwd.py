@@ -17,7 +17,6 @@ from .fwd import (
     _dropout_keep,
     _kept_key_range,
     _key_bounds,
-    _keys_end,
     _program_blocks,
     _segment_mask,
     _segment_span,
@@ -315,8 +314,7 @@ def attn_bwd_dkdv_kernel(
     # its tiles are never loaded and its accumulators (zeros, never updated) fold away
     offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
     kpm_ptr = KPM + b64 * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
-    keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    kept_lo, kept_hi, keys_end = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
     READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b64 * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
@@ -688,8 +686,7 @@ def attn_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + h_kv * stride_kh
     v_base = V + b64 * stride_vb + h_kv * stride_vh
     kpm_ptr = KPM + b64 * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
-    keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    kept_lo, kept_hi, keys_end = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
     READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b64 * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a

@@ -47,16 +47,21 @@ def _turn_block(first, turn, n_blocks):
 def _kept_key_range(
     kpm_ptr, seqlen_k, HAS_KPM: tl.constexpr, KEY_LENGTHS: tl.constexpr, SCAN: tl.constexpr = 1024
 ):
-    # [first kept key, last kept key + 1) of one row of the key padding mask; (seqlen_k, 0) when
-    # nothing is kept, (0, seqlen_k) without a mask. Keys outside it are all masked, so their
-    # blocks need no work: padded batches (a padding collator's right padding, generation's
-    # left padding) skip them. Once per program: it does not depend on the block. KEY_LENGTHS:
-    # ``kpm_ptr`` points at the row's key count instead (keys [0, count) kept), read at once:
-    # the scan cost the LLaMA-0.5B layer's forward 19% and its dQ pass 23% (H200,
-    # benchmarks/NOTES.md twenty-second session).
+    # (first kept key, last kept key + 1, where the key loops end) for one row of the key
+    # padding mask; (seqlen_k, 0, seqlen_k) when nothing is kept, (0, seqlen_k, seqlen_k)
+    # without a mask. Keys outside the kept range are all masked, so their blocks need no work:
+    # padded batches (a padding collator's right padding, generation's left padding) skip them.
+    # Once per program: it does not depend on the block.
+    # KEY_LENGTHS: ``kpm_ptr`` points at the row's key count instead (keys [0, count) kept),
+    # read at once: the scan cost the LLaMA-0.5B layer's forward 19% and its dQ pass 23%
+    # (H200, benchmarks/NOTES.md twenty-second session). The loops then end at the count:
+    # masking past it (as a sequence's own end is masked, in the last block only) is the whole
+    # mask, and no block reads one; reading it in every block cost the padded LLaMA-0.5B
+    # layer's forward 6% and GPT-2's 17%.
     if KEY_LENGTHS:
         first = seqlen_k * 0
         end = tl.minimum(tl.maximum(tl.load(kpm_ptr), 0), seqlen_k)
+        keys_end = end
     elif HAS_KPM:
         first = seqlen_k
         end = seqlen_k * 0
@@ -65,23 +70,12 @@ def _kept_key_range(
             kept = tl.load(kpm_ptr + cols, mask=cols < seqlen_k, other=0) != 0
             first = tl.minimum(first, tl.min(tl.where(kept, cols, seqlen_k), 0))
             end = tl.maximum(end, tl.max(tl.where(kept, cols + 1, 0), 0))
+        keys_end = seqlen_k
     else:
         first = seqlen_k * 0
         end = seqlen_k
-    return first, end
-
-
-@triton.jit
-def _keys_end(seqlen_k, kept_hi, KEY_LENGTHS: tl.constexpr):
-    # Where a row's keys end for the key loops. KEY_LENGTHS: the row keeps a prefix of its keys,
-    # so masking past its end (as the sequence's own end is masked: in the last block only) is
-    # the whole mask, and no block reads one; reading it in every block cost the padded
-    # LLaMA-0.5B layer's forward 6% and GPT-2's 17% (H200, benchmarks/NOTES.md).
-    if KEY_LENGTHS:
-        end = kept_hi
-    else:
-        end = seqlen_k
-    return end
+        keys_end = seqlen_k
+    return first, end, keys_end
 
 
 @triton.jit
@@ -474,8 +468,7 @@ def attn_fwd_kernel(
     k1_ptrs = k_rows + offs_d1[None, :] * stride_kd
     v1_ptrs = v_rows + offs_d1[None, :] * stride_vd
     kpm_ptr = KPM + b * stride_kpm_b
-    kept_lo, kept_hi = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
-    keys_end = _keys_end(seqlen_k, kept_hi, KEY_LENGTHS)
+    kept_lo, kept_hi, keys_end = _kept_key_range(kpm_ptr, seqlen_k, HAS_KPM, KEY_LENGTHS)
     READ_KPM: tl.constexpr = HAS_KPM and not KEY_LENGTHS  # the inner loops read the mask
     seg_ptr = Seg + b * stride_seg_b
     # bottom-right causal alignment; shift > 0 moves the diagonal right (op._diagonal: a
