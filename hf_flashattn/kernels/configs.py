@@ -88,11 +88,10 @@ _FWD_GPU = (
     # D<=64: 4 warps: 5% off a (8, 12, 4096, 64) layer's forward + backward against 8 warps
     # (sweep_configs.py, H200, 2026-11-30, seventh session)
     (64, KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)),
-    # D=65-96 (64 + 16/32 in two chunks)
-    (96, KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    # D=97-128: 64 x 64, 4 warps: the causal forward 5-7% under 128 x 64 at 8 warps (kernel
+    # D=65-128: 64 x 64, 4 warps: the causal forward 5-15% under 128 x 64 at 8 warps (kernel
     # time, H200, 2026-12-03: LLaMA-0.5B (4, 12:4, 2048) 140 -> 131 us, MHA (4, 16, 2048) 187
-    # -> 177, Llama-3-8B-like (1, 32:8, 8192) 1192 -> 1121; right-padded LLaMA 64 -> 56)
+    # -> 177, Llama-3-8B-like (1, 32:8, 8192) 1192 -> 1121; right-padded LLaMA 64 -> 56;
+    # (4, 32:8, 2048, 96) 364 -> 310, (4, 16:4, 2048, 80) 179 -> 154)
     (128, KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
     # D=256: 128 x 64, 8 warps, 2 stages: 5% off a (4, 16, 2048, 256) layer's forward +
     # backward against (64, 32, 4, 2) (same sweep); 3 stages within 0.2%, and 2 leave fp32 room
@@ -121,14 +120,10 @@ _BWD_DKDV_GPU = (
 # 0.962 -> 0.864; at (2, 16, 8192, 64) it was 10% slower than the 128-key blocks above. At head
 # dim 128 too (32 x 64, 4 warps, the GQA group never shared out: op._dkdv_target), the pass's
 # kernel time (H200, 2026-12-03) LLaMA-0.5B (4, 12:4, 2048) 267 -> 259 us, MHA (4, 16, 2048)
-# 353 -> 340, right-padded LLaMA (key lengths) 162 -> 128; Llama-3-8B-like (8192 keys) lost 6%.
-# None: the long entry (head dims 80/96, not measured otherwise).
+# 353 -> 340, right-padded LLaMA (key lengths) 162 -> 128, (4, 32:8, 2048, 96) 626 -> 583,
+# (4, 16:4, 2048, 80) 287 -> 265; Llama-3-8B-like (8192 keys) lost 6%.
 _SHORT_KEYS = 2048
-_BWD_DKDV_SHORT_GPU = (
-    (64, KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=3)),
-    (96, None),
-    (128, KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=3)),
-)
+_BWD_DKDV_SHORT_GPU = ((128, KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=3)),)
 _BWD_DQ_GPU = (
     # D<=64: 64 x 64, 4 warps: 5% off that (8, 12, 4096, 64) layer against 128 x 64, 8 warps
     (64, KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
@@ -175,9 +170,7 @@ def bwd_dkdv_config(head_dim: int, interpreting: bool, seqlen_k: int | None = No
     if interpreting:
         return _INTERPRETER
     if seqlen_k is not None and seqlen_k <= _SHORT_KEYS and head_dim <= _BWD_DKDV_SHORT_GPU[-1][0]:
-        short = _pick(_BWD_DKDV_SHORT_GPU, head_dim)
-        if short is not None:
-            return short
+        return _pick(_BWD_DKDV_SHORT_GPU, head_dim)
     return _pick(_BWD_DKDV_GPU, head_dim)
 
 
