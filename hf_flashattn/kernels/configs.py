@@ -114,14 +114,15 @@ _BWD_DKDV_GPU = (
     # two stages and steps down to one (launch.py)
     (256, KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2, split_grads=True)),
 )
-# dK/dV with at most _SHORT_KEYS keys per sequence: 64-key blocks at head_dim <= 64. The call's
-# kernel time (forward + backward, sweep_configs.py by profiler, H200, 2026-12-01): GPT-2's
-# layer (8, 12, 1024, 64) 0.251 -> 0.220 ms, with dropout 0.352 -> 0.300, (8, 16:4, 2048, 64)
-# 0.962 -> 0.864; at (2, 16, 8192, 64) it was 10% slower than the 128-key blocks above. At head
-# dim 128 too (32 x 64, 4 warps, the GQA group never shared out: op._dkdv_target), the pass's
-# kernel time (H200, 2026-12-03) LLaMA-0.5B (4, 12:4, 2048) 267 -> 259 us, MHA (4, 16, 2048)
-# 353 -> 340, right-padded LLaMA (key lengths) 162 -> 128, (4, 32:8, 2048, 96) 626 -> 583,
-# (4, 16:4, 2048, 80) 287 -> 265; Llama-3-8B-like (8192 keys) lost 6%.
+# dK/dV with at most _SHORT_KEYS keys per sequence: 64-key blocks, 4 warps, at every head dim up
+# to 128. At head dim 64 the call's kernel time (forward + backward, sweep_configs.py by
+# profiler, H200, 2026-12-01): GPT-2's layer (8, 12, 1024, 64) 0.251 -> 0.220 ms, with dropout
+# 0.352 -> 0.300, (8, 16:4, 2048, 64) 0.962 -> 0.864; at (2, 16, 8192, 64) it was 10% slower than
+# the 128-key blocks above. Past head dim 64 (the GQA group never shared out there:
+# op._dkdv_target) the pass's kernel time against the long entry (H200, 2026-12-03): LLaMA-0.5B
+# (4, 12:4, 2048) 267 -> 259 us, MHA (4, 16, 2048) 353 -> 340, right-padded LLaMA (key lengths)
+# 162 -> 128, (4, 32:8, 2048, 96) 626 -> 583, (4, 16:4, 2048, 80) 287 -> 265; Llama-3-8B-like
+# (8192 keys) lost 6%.
 _SHORT_KEYS = 2048
 _BWD_DKDV_SHORT_GPU = ((128, KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=3)),)
 _BWD_DQ_GPU = (
