@@ -125,6 +125,12 @@ def implementations() -> dict:
     return {"ours": attention_forward, "sdpa": sdpa_attention_forward}
 
 
+def padding_rows(layer: Layer, device) -> torch.Tensor:
+    """(batch, seq) bool: the padded layer's real tokens (its rows' lengths, right-padded)."""
+    lengths = torch.tensor(layer.lengths, device=device)
+    return torch.arange(layer.seq_len, device=device) < lengths[:, None]
+
+
 def layer_masks(layer: Layer) -> dict:
     """Each impl's attention mask, as its own mask function builds it from the rows' padding
     (what a model's forward hands every layer): ours a (batch, seq) padding mask whose rows'
@@ -135,8 +141,7 @@ def layer_masks(layer: Layer) -> dict:
 
     from hf_flashattn.integration import attention_mask
 
-    lengths = torch.tensor(layer.lengths, device=DEVICE)
-    padding = torch.arange(layer.seq_len, device=DEVICE) < lengths[:, None]
+    padding = padding_rows(layer, DEVICE)
     args = dict(
         batch_size=layer.batch,
         q_length=layer.seq_len,
@@ -225,10 +230,7 @@ def spot_check(impls, module, layer, q, k, v, masks) -> dict:
         ours = impls["ours"](module, q, k, v, attention_mask=masks["ours"], **kw)[0]
         ref = impls["sdpa"](module, q, k, v, attention_mask=masks["sdpa"], **kw)[0]
     if layer.lengths is not None:
-        real = (
-            torch.arange(layer.seq_len, device=q.device)
-            < torch.tensor(layer.lengths, device=q.device)[:, None]
-        )
+        real = padding_rows(layer, q.device)
         ours, ref = ours[real], ref[real]  # (batch, seq, heads, dim) at the real tokens
     return {
         "max_abs_diff_vs_sdpa": (ours.float() - ref.float()).abs().max().item(),
