@@ -44,6 +44,11 @@ LAYOUTS = ("bhsd", "bshd")
 _LOG2E = 1.4426950408889634
 # The dropout seed is a Philox key (64 bits); keep it a non-negative int64.
 _SEED_HIGH = 2**62
+# Mixes a generator's seed into the keys drawn from its Philox offsets (odd: for one seed,
+# distinct offsets give distinct keys)
+_SEED_MIX = 0x9E3779B97F4A7C15
+# per device: the (1,) int64 zero the kernels read a key from when it comes as an int
+_ZERO_SEED: dict = {}
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -300,7 +305,7 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
     """Launch the forward. q (batch, heads_q, seq_q, dim), k/v (batch, heads_kv, seq_k, dim),
     last dim dense; key_padding_mask: (batch, seq_k) bool, or (batch,) int32 key lengths
     (flash_attn's key_lengths); segments: packed sequences' token bounds
-    (``_segment_bounds``), or None; seed: (1,) int64 on q's device, or None without dropout;
+    (``_segment_bounds``), or None; seed: the dropout key (``_new_seed``), or None without it;
     window: the causal sliding window (query i sees keys j > i + seq_k - seq_q - window), 0
     for none; softcap: scores capped as softcap * tanh(scores / softcap), 0.0 for none.
     Returns out (batch, heads_q, seq_q, dim) stored as (batch, seq, heads, dim), and lse
@@ -336,10 +341,11 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
         return out, lse
     flags = (has_kpm, key_lengths, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
     key = (q.dtype, head_dim, group, causal, *flags, scale > 0)
+    seed_ptr, seed_offset = _seed_args(seed, q)
     _launcher("fwd", key)(
         seqlen_q,
         batch * heads_q,
-        (q, k, v, out, lse, kpm, segments if has_seg else q, q if seed is None else seed),
+        (q, k, v, out, lse, kpm, segments if has_seg else q, seed_ptr),
         (scale * _LOG2E, dropout_p, softcap),
         (
             *q.stride(),
@@ -353,6 +359,7 @@ def _forward(q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed
             seqlen_k,
             window,
             shift,
+            seed_offset,
         ),
     )
     if out.dtype != q.dtype:  # the interpreter's bf16 (strides kept)
@@ -475,14 +482,14 @@ def _backward(
     key_lengths = has_kpm and kpm.dim() == 1
     has_seg = segments is not None
     seg, seg_stride = (segments, segments.stride(0)) if has_seg else (q, 0)
-    seed = q if seed is None else seed
+    seed_ptr, seed_offset = _seed_args(seed, q)
     qk_scale = scale * _LOG2E
     flags = (has_kpm, key_lengths, has_seg, dropout_p > 0.0, pad_q, window > 0, softcap > 0.0)
     key = (q.dtype, head_dim, group, causal, *flags, has_dlse)
     _launcher("dq", key)(
         seqlen_q,
         batch * heads_q,
-        (q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, kpm, seg, seed),
+        (q, k, v, out, dout, lse, dlse if has_dlse else lse, delta, dq, kpm, seg, seed_ptr),
         (qk_scale, scale, dropout_p, softcap),
         (
             *q.stride(),
@@ -498,10 +505,11 @@ def _backward(
             seqlen_k,
             window,
             shift,
+            seed_offset,
         ),
     )
     dkdv_args = (
-        (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed),
+        (q, k, v, dout, lse, delta, dk, dv, kpm, seg, seed_ptr),
         (qk_scale, scale, dropout_p, softcap),
         (
             *q.stride(),
@@ -519,6 +527,7 @@ def _backward(
             seqlen_k,
             window,
             shift,
+            seed_offset,
         ),
     )
     for name in ("dv", "dk") if dkdv_cfg.split_grads else ("dkdv",):
@@ -548,13 +557,17 @@ def _sum_parts(parts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, segments, causal, scale, dropout_p, seed, window, softcap = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segments, seed)
+    tensor_seed = seed if isinstance(seed, torch.Tensor) else None
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segments, tensor_seed)
+    ctx.int_seed = None if tensor_seed is not None else seed
     ctx.args = (causal, scale, dropout_p)
     ctx.tail = (window, softcap)
 
 
 def _input_grads(launch_backward, ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask, segments, seed = ctx.saved_tensors
+    if seed is None:
+        seed = ctx.int_seed
     dq, dk, dv = launch_backward(
         q, k, v, out, lse, dout, dlse, key_padding_mask, segments, *ctx.args, seed, *ctx.tail
     )
@@ -745,11 +758,43 @@ def _check_key_lengths(key_lengths, key_padding_mask, q) -> None:
         raise ValueError("pass key_padding_mask or key_lengths, not both")
 
 
-def _new_seed(device) -> torch.Tensor:
-    """The dropout seed: (1,) int64 on ``device``, drawn from that device's default generator
-    (``torch.manual_seed`` reproduces it). A tensor, not an int: no ``.item()`` host sync, and
-    ``torch.compile(fullgraph=True)`` traces it as a graph op."""
-    return torch.randint(0, _SEED_HIGH, (1,), device=device)
+def _new_seed(device) -> torch.Tensor | int:
+    """The dropout key, drawn from ``device``'s default generator (``torch.manual_seed``
+    reproduces it, and so does restoring its state, as activation checkpointing does).
+
+    Called eagerly, an int: on a GPU the generator's seed mixed with its Philox offset, the
+    offset then advanced as a random op advances it. No kernel launch and no host sync: the
+    ``torch.randint`` it replaces cost ~20 µs of host time a call (H200 host, GPT-2's layer,
+    benchmarks/NOTES.md twenty-third session). On the CPU (the interpreter) an int drawn by
+    ``torch.randint``. While compiling or capturing a CUDA graph, a (1,) int64 tensor drawn by
+    ``torch.randint``: a graph op, where an int would be baked into the graph (the same mask at
+    every replay)."""
+    if torch.compiler.is_compiling():
+        return torch.randint(0, _SEED_HIGH, (1,), device=device)
+    device = torch.device(device)  # tests pass names
+    if device.type != "cuda":
+        return int(torch.randint(0, _SEED_HIGH, (1,)))
+    if torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, _SEED_HIGH, (1,), device=device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    gen = torch.cuda.default_generators[index]
+    offset = gen.get_offset()
+    gen.set_offset(offset + 4)  # Philox offsets advance in fours
+    return (gen.initial_seed() * _SEED_MIX + offset) % _SEED_HIGH
+
+
+def _seed_args(seed: torch.Tensor | int | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What the kernels take for a dropout key (``_new_seed``): a pointer to an int64 and an
+    int added to it. A tensor key: itself and 0; an int key: a zero on q's device and the
+    int; None (no dropout): q as a dummy pointer, never read."""
+    if seed is None:
+        return q, 0
+    if isinstance(seed, torch.Tensor):
+        return seed, 0
+    zero = _ZERO_SEED.get(q.device)
+    if zero is None:
+        zero = _ZERO_SEED[q.device] = torch.zeros(1, dtype=torch.int64, device=q.device)
+    return zero, seed
 
 
 def flash_attn(
@@ -932,9 +977,8 @@ def dropout_keep_mask(
     row indices) only those rows: (batch, heads_q, len(rows), seqlen_k), the others drawn
     only where they share a Philox call's 16-row block with one. Materialises rows x seq_k:
     for checking dropout, never for the hot path."""
-    if not isinstance(seed, torch.Tensor):
-        seed = torch.tensor([seed], dtype=torch.int64)
-    seed = seed.to(device)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device)
     # the kernel draws whole row blocks, 16 rows at least (one Philox call spans rows r, r+1,
     # r+8, r+9): large ones for the whole mask, the smallest for chosen rows
     block_m = 16 if rows is not None else 64 if INTERPRETING else 128
@@ -946,13 +990,15 @@ def dropout_keep_mask(
     drawn = torch.empty(
         (batch, heads_q, n_blocks, block_m, seqlen_k), dtype=torch.int8, device=device
     )
+    seed_ptr, seed_offset = _seed_args(seed, drawn)
     dropout_mask_kernel[(n_blocks * batch * heads_q,)](
         drawn,
-        seed,
+        seed_ptr,
         blocks,
         applied_dropout_rate(dropout_p),
         n_blocks,
         seqlen_k,
+        seed_offset,
         BLOCK_M=block_m,
         BLOCK_N=64 if INTERPRETING else 128,
     )

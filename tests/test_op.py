@@ -379,6 +379,29 @@ def test_dropout_seeded(device):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Philox-offset draw is the CUDA generator's"
+)
+def test_dropout_key_drawn_from_the_generator_without_a_launch():
+    """Eagerly on a GPU the dropout key is an int from the default generator's seed and Philox
+    offset (no kernel launch, no host sync): the same after the same torch.manual_seed, new at
+    each call, the generator advanced as a random op advances it. Under CUDA graph capture a
+    tensor drawn in the graph, so that each replay draws anew."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.cuda.default_generators[dev.index]
+    torch.manual_seed(5)
+    first, second = _new_seed(dev), _new_seed(dev)
+    torch.manual_seed(5)
+    assert isinstance(first, int) and first == _new_seed(dev) and first != second
+    offset = gen.get_offset()
+    _new_seed(dev)
+    assert gen.get_offset() == offset + 4
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _new_seed(dev)
+    assert isinstance(captured, torch.Tensor) and captured.device == dev
+
+
 def test_dropout_mean_approaches_no_dropout(device):
     q, k, v = (t.detach() for t in _dropout_inputs(device))
     p = 0.5
@@ -1003,9 +1026,11 @@ def test_custom_op_matches_eager_path(device, case):
     torch.library.opcheck(op._fwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_compiles_fullgraph_with_dropout(device):
-    """torch.compile(fullgraph=True) traces the custom ops, dropout seed included (a tensor,
-    drawn without .item()), and gives what eager gives for the same torch.manual_seed."""
+def test_compiles_fullgraph_with_dropout(device, monkeypatch):
+    """torch.compile(fullgraph=True) traces the custom ops, dropout seed included (a tensor
+    drawn by torch.randint, no .item()), and gives what eager gives for the same seed tensor.
+    (Eagerly on a GPU the key comes from the generator's Philox offset instead, with no
+    launch: op._new_seed. The eager call here takes the compiled graph's draw.)"""
 
     def loss(q, k, v):
         out, lse = flash_attn(q, k, v, causal=True, dropout_p=0.2, return_lse=True)
@@ -1016,6 +1041,9 @@ def test_compiles_fullgraph_with_dropout(device):
     torch.manual_seed(3)
     value = compiled(q, k, v)
     grads = torch.autograd.grad(value, (q, k, v))
+    monkeypatch.setattr(
+        op, "_new_seed", lambda device: torch.randint(0, op._SEED_HIGH, (1,), device=device)
+    )
     torch.manual_seed(3)
     value_e = loss(q, k, v)
     grads_e = torch.autograd.grad(value_e, (q, k, v))

@@ -220,7 +220,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv, dk1, dv1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_offset"])
 def attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -270,6 +270,7 @@ def attn_bwd_dkdv_kernel(
     seqlen_k,
     window,
     shift,
+    seed_offset,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -308,7 +309,7 @@ def attn_bwd_dkdv_kernel(
     h_kv = (bh_kv % num_heads_kv).to(tl.int64)
     seed = 0
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
+        seed = tl.load(Seed) + seed_offset  # op._seed_args
     offs_d = tl.arange(0, BLOCK_D)
     # SPLIT_D: the head dim's second chunk, columns [BLOCK_D, BLOCK_D + BLOCK_D1); without it
     # its tiles are never loaded and its accumulators (zeros, never updated) fold away
@@ -600,7 +601,7 @@ def _attn_bwd_dq_inner(
     return dq, dq1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_offset"])
 def attn_bwd_dq_kernel(
     Q,
     K,
@@ -649,6 +650,7 @@ def attn_bwd_dq_kernel(
     seqlen_k,
     window,
     shift,
+    seed_offset,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -677,7 +679,7 @@ def attn_bwd_dq_kernel(
     h_kv = h // GROUP
     seed = 0
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
+        seed = tl.load(Seed) + seed_offset  # op._seed_args
     offs_d = tl.arange(0, BLOCK_D)
     # SPLIT_D: the head dim's second chunk, columns [BLOCK_D, BLOCK_D + BLOCK_D1); without it
     # its tiles are never loaded and its accumulator (zeros, never updated) folds away

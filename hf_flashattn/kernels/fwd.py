@@ -389,7 +389,7 @@ def _attn_fwd_inner(
     return acc, acc1, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_offset"])
 def attn_fwd_kernel(
     Q,
     K,
@@ -425,6 +425,7 @@ def attn_fwd_kernel(
     seqlen_k,
     window,
     shift,
+    seed_offset,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -460,7 +461,7 @@ def attn_fwd_kernel(
     d1_mask = offs_d1 < HEAD_DIM
     seed = 0
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
+        seed = tl.load(Seed) + seed_offset  # op._seed_args
     k_rows = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
     v_rows = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn
     k_ptrs = k_rows + offs_d[None, :] * stride_kd
@@ -603,7 +604,7 @@ def attn_fwd_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_offset"])
 def dropout_mask_kernel(
     Mask,
     Seed,
@@ -611,6 +612,7 @@ def dropout_mask_kernel(
     dropout_p,
     n_blocks,
     seqlen_k,
+    seed_offset,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -621,7 +623,7 @@ def dropout_mask_kernel(
     bh = pid // n_blocks
     index = pid % n_blocks
     row_start = tl.load(Blocks + index) * BLOCK_M
-    seed = tl.load(Seed)
+    seed = tl.load(Seed) + seed_offset
     offs_m = tl.arange(0, BLOCK_M)
     base = Mask + (bh.to(tl.int64) * n_blocks + index) * BLOCK_M * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
