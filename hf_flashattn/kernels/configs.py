@@ -83,15 +83,15 @@ def head_dim_constexprs(head_dim: int) -> dict:
 
 
 # (max head_dim, config) in ascending head_dim; first match wins
-# Measured on H100 (bf16, N=4096, benchmarks/NOTES.md); the runner-up was within 3% in each row.
+# Each row's comment says what it was measured against, and where (benchmarks/NOTES.md).
 _FWD_GPU = (
-    # D<=64: 4 warps: 5% off a (8, 12, 4096, 64) layer's forward + backward against 8 warps
-    # (sweep_configs.py, H200, 2026-11-30, seventh session)
-    (64, KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)),
-    # D=65-128: 64 x 64, 4 warps: the causal forward 5-15% under 128 x 64 at 8 warps (kernel
-    # time, H200, 2026-12-03: LLaMA-0.5B (4, 12:4, 2048) 140 -> 131 us, MHA (4, 16, 2048) 187
-    # -> 177, Llama-3-8B-like (1, 32:8, 8192) 1192 -> 1121; right-padded LLaMA 64 -> 56;
-    # (4, 32:8, 2048, 96) 364 -> 310, (4, 16:4, 2048, 80) 179 -> 154)
+    # D<=128: 64 x 64, 4 warps, 3 stages. Kernel time (H200): at D=65-128 the causal forward
+    # 5-15% under 128 x 64 at 8 warps (2026-12-03: LLaMA-0.5B (4, 12:4, 2048) 140 -> 131 us,
+    # MHA (4, 16, 2048) 187 -> 177, Llama-3-8B-like (1, 32:8, 8192) 1192 -> 1121; right-padded
+    # LLaMA 64 -> 56; (4, 32:8, 2048, 96) 364 -> 310, (4, 16:4, 2048, 80) 179 -> 154). At D<=64
+    # against 128 x 64 at 4 warps (2026-12-03, twenty-fourth session): GPT-2's causal (8, 12,
+    # 1024) 53.5 -> 48.1 us, causal (4, 16, 2048) and (2, 16, 8192) equal, non-causal (8, 12,
+    # 4096) 0.6% (bf16) to 2% (fp16) slower
     (128, KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
     # D=256: 128 x 64, 8 warps, 2 stages: 5% off a (4, 16, 2048, 256) layer's forward +
     # backward against (64, 32, 4, 2) (same sweep); 3 stages within 0.2%, and 2 leave fp32 room
