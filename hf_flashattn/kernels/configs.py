@@ -213,9 +213,11 @@ def decode_config(head_dim: int, rows: int, interpreting: bool, deep: bool = Fal
 
 
 def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
-    """Per head_dim bucket (its largest head_dim), the GPU config of each kernel: what the
-    CPU tests force through the interpreter (``op.forced_configs``), so that the block shapes
-    the GPU runs are checked for indexing and masking on every machine."""
+    """Per head_dim bucket (its largest head_dim: a row of any attention kernel's table), the
+    GPU config of each kernel: what the CPU tests force through the interpreter
+    (``op.forced_configs``), so that the block shapes the GPU runs are checked for indexing and
+    masking on every machine."""
+    buckets = sorted({dim for table in (_FWD_GPU, _BWD_DKDV_GPU, _BWD_DQ_GPU) for dim, _ in table})
     return {
         max_dim: {
             "fwd": fwd_config(max_dim, False),
@@ -223,5 +225,5 @@ def gpu_configs() -> dict[int, dict[str, KernelConfig]]:
             "dq": bwd_dq_config(max_dim, False),
             "decode": decode_config(max_dim, 16, False),
         }
-        for max_dim, _ in _FWD_GPU
+        for max_dim in buckets
     }
