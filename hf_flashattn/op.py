@@ -758,6 +758,12 @@ def _check_key_lengths(key_lengths, key_padding_mask, q) -> None:
         raise ValueError("pass key_padding_mask or key_lengths, not both")
 
 
+def _graph_seed(device) -> torch.Tensor:
+    """The dropout key as compiled and captured calls draw it: a (1,) int64 tensor from
+    ``torch.randint`` on ``device`` (a graph op, no host sync)."""
+    return torch.randint(0, _SEED_HIGH, (1,), device=device)
+
+
 def _new_seed(device) -> torch.Tensor | int:
     """The dropout key, drawn from ``device``'s default generator (``torch.manual_seed``
     reproduces it, and so does restoring its state, as activation checkpointing does).
@@ -766,16 +772,15 @@ def _new_seed(device) -> torch.Tensor | int:
     offset then advanced as a random op advances it. No kernel launch and no host sync: the
     ``torch.randint`` it replaces cost ~20 µs of host time a call (H200 host, GPT-2's layer,
     benchmarks/NOTES.md twenty-third session). On the CPU (the interpreter) an int drawn by
-    ``torch.randint``. While compiling or capturing a CUDA graph, a (1,) int64 tensor drawn by
-    ``torch.randint``: a graph op, where an int would be baked into the graph (the same mask at
-    every replay)."""
+    ``torch.randint``. While compiling or capturing a CUDA graph, ``_graph_seed``'s tensor: an
+    int would be baked into the graph (the same mask at every replay)."""
     if torch.compiler.is_compiling():
-        return torch.randint(0, _SEED_HIGH, (1,), device=device)
+        return _graph_seed(device)
     device = torch.device(device)  # tests pass names
     if device.type != "cuda":
         return int(torch.randint(0, _SEED_HIGH, (1,)))
     if torch.cuda.is_current_stream_capturing():
-        return torch.randint(0, _SEED_HIGH, (1,), device=device)
+        return _graph_seed(device)
     index = torch.cuda.current_device() if device.index is None else device.index
     gen = torch.cuda.default_generators[index]
     offset = gen.get_offset()
