@@ -11,7 +11,11 @@ Triton 3.9 (CI's) accept, e.g. two differently shaped ``return``s in a constexpr
 Only Triton is imported: the kernel modules are loaded from their files (hf_flashattn's own
 ``__init__`` imports torch and transformers). Each kernel is compiled with the GPU tables'
 block configs, once with every optional feature off, once with all on, and once per feature
-alone, in float16 at head_dim 64, bfloat16 at 128 and float32 at 256 (where the tables differ).
+alone, in float16 at head_dim 64, bfloat16 at 128 and float32 at 256 (where the tables differ),
+as a launch on the GPU specialises it (``as_launched``: pointers and strides divisible by 16).
+Without that Triton cannot vectorise the loads, so it neither pipelines them nor asks for
+the shared memory the GPU's binary needs (the D128 forward: 32 KB against 112 KB), and a
+config the GPU has to step down would pass here.
 Exit status 1 if any specialisation fails, with its error.
 """
 
@@ -78,6 +82,24 @@ def _signature(kernel, element: str, constexprs: dict) -> dict:
         else:
             signature[p.name] = "i32"
     return signature
+
+
+def as_launched(kernel, element: str, constexprs: dict) -> tuple[dict, dict, dict]:
+    """The specialisation a launch on the GPU gives (Triton specialises every int and pointer
+    argument): contiguous tensors' last-dimension strides (``stride_*d``) are the constant 1,
+    the other strides of (batch, heads, seq, 64 or 128) tensors and every data pointer divisible
+    by 16; lengths and head counts unspecialised (they vary)."""
+    signature = _signature(kernel, element, constexprs)
+    constexprs, attrs = dict(constexprs), {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if name.startswith("stride_") and name.endswith("d") and not name.endswith("_b"):
+            signature[name], constexprs[name] = "constexpr", 1
+        elif signature[name].startswith("*") or (
+            name.startswith("stride_") and name not in ("stride_kpm_b", "stride_seg_b")
+        ):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
 
 
 # the attention kernels: short name -> (kernel function, its GPU config table in configs.py)
@@ -238,7 +260,7 @@ def compile_one(job: tuple, arch: int) -> tuple[str, float, str | None]:
     fn = kernel(kernel_name)
     start, base = time.perf_counter(), label
     while True:
-        source = ASTSource(fn, _signature(fn, element, constexprs), constexprs)
+        source = ASTSource(fn, *as_launched(fn, element, constexprs))
         try:
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=run)
         except Exception as exc:  # reported with its label; the other compiles go on

@@ -3,7 +3,8 @@
 A kernel that spills keeps part of its tiles in local memory (an L1/L2 round trip inside the
 key loop); ptxas says how much at compile time, so this needs no GPU. Each kernel is compiled
 with the GPU tables' config (or ``--config``) and the specialisation a launch gets there
-(contiguous last dimensions, strides and pointers divisible by 16: ``as_launched``; without it
+(contiguous last dimensions, strides and pointers divisible by 16:
+``compile_check.as_launched``; without it
 the counts are several times too high), and its resource use read from ``ptxas -v``, as Triton
 runs it, with how many programs of it one SM holds (sm_90 and sm_80; op sizes the split-KV grid
 by that).
@@ -72,24 +73,6 @@ def jobs(only: str) -> list[tuple]:
     return out
 
 
-def as_launched(kernel, element: str, constexprs: dict) -> tuple[dict, dict, dict]:
-    """The specialisation a launch on the GPU gives (Triton specialises every int and pointer
-    argument): contiguous tensors' last-dimension strides (``stride_*d``) are the constant 1,
-    the other strides of (batch, heads, seq, 64 or 128) tensors and every data pointer divisible
-    by 16; lengths and head counts unspecialised (they vary)."""
-    signature = compile_check._signature(kernel, element, constexprs)
-    constexprs, attrs = dict(constexprs), {}
-    for index, param in enumerate(kernel.params):
-        name = param.name
-        if name.startswith("stride_") and name.endswith("d") and not name.endswith("_b"):
-            signature[name], constexprs[name] = "constexpr", 1
-        elif signature[name].startswith("*") or (
-            name.startswith("stride_") and name not in ("stride_kpm_b", "stride_seg_b")
-        ):
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs
-
-
 def report_one(job: tuple, arch: int) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -97,7 +80,7 @@ def report_one(job: tuple, arch: int) -> str:
 
     name, label, element, constexprs, run = job
     kernel = compile_check.kernel(name)
-    signature, constexprs, attrs = as_launched(kernel, element, constexprs)
+    signature, constexprs, attrs = compile_check.as_launched(kernel, element, constexprs)
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
