@@ -1,10 +1,9 @@
 """Registers and spills of each kernel as ptxas builds it for a GPU, on any machine.
 
-A kernel that spills keeps part of its tiles in local memory (an L1/L2 round trip inside the
-key loop); ptxas says how much at compile time, so this needs no GPU. Each kernel is compiled
-with the GPU tables' config (or ``--config``) and the specialisation a launch gets there
-(contiguous last dimensions, strides and pointers divisible by 16:
-``compile_check.as_launched``; without it
+A kernel that spills keeps part of its tiles in local memory (an L1/L2 round trip inside the key
+loop); ptxas says how much at compile time, so this needs no GPU. Each kernel is compiled with
+the GPU tables' config (or ``--config``) and the specialisation a launch gets there (contiguous
+last dimensions, strides and pointers divisible by 16: ``compile_check.as_launched``; without it
 the counts are several times too high), and its resource use read from ``ptxas -v``, as Triton
 runs it, with how many programs of it one SM holds (sm_90 and sm_80; op sizes the split-KV grid
 by that).
