@@ -764,7 +764,7 @@ def _graph_seed(device) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (1,), device=device)
 
 
-def _new_seed(device) -> torch.Tensor | int:
+def _new_seed(device: torch.device) -> torch.Tensor | int:
     """The dropout key, drawn from ``device``'s default generator (``torch.manual_seed``
     reproduces it, and so does restoring its state, as activation checkpointing does).
 
@@ -776,7 +776,6 @@ def _new_seed(device) -> torch.Tensor | int:
     int would be baked into the graph (the same mask at every replay)."""
     if torch.compiler.is_compiling():
         return _graph_seed(device)
-    device = torch.device(device)  # tests pass names
     if device.type != "cuda":
         return int(torch.randint(0, _SEED_HIGH, (1,)))
     if torch.cuda.is_current_stream_capturing():

@@ -411,7 +411,7 @@ def test_dropout_mean_approaches_no_dropout(device):
         mean += flash_attn(q, k, v, dropout_p=p).double()
     mean /= runs
     exact = flash_attn(q, k, v).double()
-    seed = _new_seed(device)
+    seed = _new_seed(torch.device(device))
     mask_rate = dropout_keep_mask(seed, 2, 2, 64, 96, p, device).float().mean().item()
     assert abs(mask_rate - (1 - p)) < 0.02
     # each run's deviation has std ~ |out| / sqrt(runs): the mean must be much closer than one run
@@ -425,7 +425,7 @@ def test_dropout_draws_are_independent_across_the_elements_one_philox_call_serve
     must agree only as often as independent draws do (an element reusing another's draw, or
     part of one, agrees every time or far more often)."""
     p = 0.5
-    keep = dropout_keep_mask(_new_seed(device), 2, 4, 128, 256, p, device).float()
+    keep = dropout_keep_mask(_new_seed(torch.device(device)), 2, 4, 128, 256, p, device).float()
     # row 16 r1 + 8 r2 + 2 r3 + r4, column likewise: a call is (r1, r3, c1, c3), its element
     # (r2, r4, c2, c4)
     by_call = keep.reshape(2, 4, 8, 2, 4, 2, 16, 2, 4, 2).permute(0, 1, 2, 4, 6, 8, 3, 5, 7, 9)
@@ -448,7 +448,7 @@ def test_dropout_rate_is_applied_at_one_in_256(device):
     assert applied_dropout_rate(0.1) == 26 / 256
     assert applied_dropout_rate(2.0**-10) == 0.0
     assert applied_dropout_rate(0.9999) == 255 / 256
-    seed = _new_seed(device)
+    seed = _new_seed(torch.device(device))
     assert dropout_keep_mask(seed, 2, 4, 256, 1024, 2.0**-10, device).all()
     dropped = (~dropout_keep_mask(seed, 8, 8, 256, 1024, 0.1, device)).float().mean().item()
     # 16.8M draws: the rate's standard error is 7e-5, the rounding 1.6e-3
@@ -464,7 +464,7 @@ def test_dropout_scales_by_the_applied_rate(device, rate):
     torch.manual_seed(3)
     out = flash_attn(q, k, v, dropout_p=0.1)
     torch.manual_seed(3)
-    keep = dropout_keep_mask(_new_seed(device), 2, 2, 64, 96, 0.1, device)
+    keep = dropout_keep_mask(_new_seed(torch.device(device)), 2, 2, 64, 96, 0.1, device)
     p = applied_dropout_rate(0.1) if rate == "applied" else 0.1
     ref, _ = attention_ref(q, k, v, dropout_keep=keep, dropout_p=p)
     error = (out.double() - ref).abs().max().item()
@@ -490,7 +490,7 @@ def _check_dropout(device, seqlen_q, p, causal, seed, key_lengths=None):
     torch.manual_seed(seed)
     out = flash_attn(q, k, v, dropout_p=p, causal=causal, key_lengths=lengths)
     torch.manual_seed(seed)
-    keep = dropout_keep_mask(_new_seed(device), 2, 2, seqlen_q, 96, p, device)
+    keep = dropout_keep_mask(_new_seed(torch.device(device)), 2, 2, seqlen_q, 96, p, device)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     kw = dict(causal=causal, dropout_keep=keep, dropout_p=applied_dropout_rate(p))
@@ -514,7 +514,7 @@ def test_dropout_with_key_lengths(device, seqlen_q, causal):
 
 def test_dropout_keep_mask_rows(device):
     """The hook's row selection draws the same rows as the full mask."""
-    seed = _new_seed(device)
+    seed = _new_seed(torch.device(device))
     full = dropout_keep_mask(seed, 2, 3, 100, 70, 0.4, device)
     rows = torch.tensor([99, 0, 64, 63])
     part = dropout_keep_mask(seed, 2, 3, 100, 70, 0.4, device, rows=rows)

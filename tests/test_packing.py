@@ -70,7 +70,7 @@ def test_packed_rows_with_dropout_use_the_kernels_own_mask(device):
     torch.manual_seed(7)
     out = flash_attn(q, k, v, causal=True, dropout_p=p, cu_seqlens=cu)
     torch.manual_seed(7)
-    keep = dropout_keep_mask(_new_seed(device), 1, 2, seqlen, seqlen, p, device)
+    keep = dropout_keep_mask(_new_seed(torch.device(device)), 1, 2, seqlen, seqlen, p, device)
     applied = applied_dropout_rate(p)  # 51/256: the kernels scale by its 1 / (1 - p)
     ref, _ = attention_ref(
         q, k, v, causal=True, cu_seqlens=cu, dropout_keep=keep, dropout_p=applied
